@@ -1,0 +1,32 @@
+"""unroll: a compiler for recurrent neural networks. This module is the public API only.
+
+    import unroll as ur
+    x = ur.input("x", (T, B, I)); lstm = ur.nn.LSTM(I, H); out, (h, c) = lstm(x)
+    step = ur.compile([loss, *ur.grad(loss, lstm.parameters())], backend="numba")
+"""
+
+from __future__ import annotations
+
+from .compile import Compiled, FeedError, compile
+from .dsl import (full, graph, init_values, input, log_softmax, logsumexp, ones, param, scan,
+                  softmax, softplus, stack, zeros)
+from .ir.build import (abs, add, argmax, broadcast_to, cast, concat, const, div, equal, exp, greater,
+                       greater_equal, less, less_equal, log, log1p, matmul, max, maximum, mean,
+                       minimum, mul, neg, not_equal, onehot, pad, pow, recip, relu, reshape, sigmoid,
+                       sign, slice_axis, split, sqrt, stop_gradient, sub, sum, tanh, transpose, where)
+from .ir.node import Graph, Node
+from .ir.ops import ShapeError
+from .ir.unroll import unroll
+from .ir.verify import VerifyError, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compiled", "FeedError", "Graph", "Node", "ShapeError", "VerifyError", "abs", "add", "argmax",
+    "broadcast_to", "cast", "compile", "concat", "const", "div", "equal", "exp", "full", "graph",
+    "greater", "greater_equal", "init_values", "input", "less", "less_equal", "log", "log1p",
+    "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "minimum", "mul", "neg",
+    "not_equal", "onehot", "ones", "pad", "param", "pow", "recip", "relu", "reshape", "scan",
+    "sigmoid", "sign", "slice_axis", "softmax", "softplus", "split", "sqrt", "stack",
+    "stop_gradient", "sub", "sum", "tanh", "transpose", "unroll", "verify", "where", "zeros",
+]

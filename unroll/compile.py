@@ -1,0 +1,102 @@
+"""`ur.compile`: pick a backend, check the caller's arrays, and return a callable.
+
+A backend module exposes `compile_graph(graph) -> fn(list_of_arrays) -> list_of_arrays` and may set
+`FLEXIBLE_SHAPES = True` when its code reads sizes from the arrays (then only ranks, dtypes and the
+non-time/batch dims fixed by the weights are checked by the backend itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .ir.node import Graph, Node
+from .ir.ops import FLOAT_DTYPES, INT_DTYPES
+
+BACKENDS = {
+    "numpy": "unroll.backends.numpy_ref",
+    "numba": "unroll.backends.numba_cpu",
+    "cuda": "unroll.backends.numba_cuda",
+}
+
+
+class FeedError(ValueError):
+    """The arrays passed to a compiled graph do not match its inputs."""
+
+
+class Compiled:
+    """A compiled graph: call it with arrays by input name; it returns arrays in output order."""
+
+    def __init__(self, graph: Graph, backend: str, run: Callable[[list[np.ndarray]], list[np.ndarray]],
+                 single: bool, flexible_shapes: bool = False, impl: Any = None) -> None:
+        self.graph = graph
+        self.backend = backend
+        self.single = single
+        self.flexible_shapes = flexible_shapes
+        self.impl = impl  # the backend's object (generated source lives there)
+        self._run = run
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.graph.input_names
+
+    @property
+    def source(self) -> str | None:
+        return getattr(self.impl, "source", None)
+
+    def check_feeds(self, feeds: dict[str, Any]) -> list[np.ndarray]:
+        names = self.input_names
+        missing = [n for n in names if n not in feeds]
+        extra = sorted(set(feeds) - set(names))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append("missing " + ", ".join(
+                    f"{n!r} ({node.type})" for n, node in zip(names, self.graph.inputs) if n in missing))
+            if extra:
+                parts.append(f"unexpected {', '.join(map(repr, extra))}")
+            raise FeedError(f"compiled graph: {'; '.join(parts)}; expected inputs: {', '.join(names)}")
+        arrays = []
+        for name, node in zip(names, self.graph.inputs):
+            arrays.append(_coerce(name, node, feeds[name], self.flexible_shapes))
+        return arrays
+
+    def __call__(self, **feeds: Any) -> Any:
+        outs = self._run(self.check_feeds(feeds))
+        return outs[0] if self.single else list(outs)
+
+    def __repr__(self) -> str:
+        return f"<Compiled {self.backend}: ({', '.join(self.input_names)}) -> {len(self.graph.outputs)} outputs>"
+
+
+def _coerce(name: str, node: Node, value: Any, flexible: bool) -> np.ndarray:
+    arr = np.asarray(value)
+    want = node.dtype
+    ok_kind = (want in FLOAT_DTYPES and arr.dtype.kind in "fiu") or \
+              (want in INT_DTYPES and arr.dtype.kind in "iu") or (want == "bool" and arr.dtype.kind == "b")
+    if not ok_kind:
+        raise FeedError(f"input {name!r}: expected dtype {want} (shape {list(node.shape)}), "
+                        f"found {arr.dtype} with shape {list(arr.shape)}")
+    bad_shape = arr.ndim != node.ndim if flexible else arr.shape != node.shape
+    if bad_shape:
+        raise FeedError(f"input {name!r}: expected shape {list(node.shape)} ({node.type}), "
+                        f"found {list(arr.shape)}")
+    return np.ascontiguousarray(arr, dtype=want)
+
+
+def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", **options: Any) -> Compiled:  # noqa: A001
+    """Compile a node, a list of nodes or a Graph. Called with arrays by input name, the result
+    returns one array for a single node, else a list in output order."""
+    single = isinstance(outputs, Node)
+    if isinstance(outputs, Graph):
+        graph = outputs
+    else:
+        graph = Graph.of([outputs] if single else list(outputs))  # type: ignore[list-item]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    module = importlib.import_module(BACKENDS[backend])
+    compiled = module.compile_graph(graph, **options)
+    return Compiled(graph, backend, compiled, single, getattr(module, "FLEXIBLE_SHAPES", False),
+                    impl=getattr(compiled, "impl", compiled))

@@ -1,0 +1,341 @@
+"""The op vocabulary of the IR: op names, op groups, dtypes, and shape/dtype rules as one table.
+
+Adding an op means one entry here (its type rule), one in `backends/numpy_ref.py` (its meaning) and
+one in `ir/autodiff.py` (its VJP, or its listing as non-differentiable); tests fail until all exist.
+
+Ops and their `arg`:
+  input    arg=name                      a graph input fed by the caller
+  param    arg=(name, init)              a trainable input; `init` is a spec string ("uniform:0.125")
+  arg      arg=index                     the index-th argument of a loop body (closed scope)
+  const    arg=value                     a tensor filled with one float/int value
+  unary    (neg exp log tanh sigmoid relu sqrt abs sign recip log1p)
+  binary   (add sub mul div pow max min) numpy broadcasting
+  compare  (lt le gt ge eq ne)           numpy broadcasting, result dtype bool
+  where    src=(cond, a, b)              numpy broadcasting
+  cast     arg=dtype
+  matmul   (..., M, K) @ (..., K, N)     batch dims broadcast like numpy
+  sum/max  arg=(axes, keepdims)
+  argmax   arg=axis                      int32 result
+  onehot   arg=depth                     int tensor -> float32 (..., depth)
+  reshape  arg=shape
+  transpose arg=perm
+  broadcast arg=shape                    numpy broadcast_to
+  concat   arg=axis                      any number of sources
+  slice    arg=((start, stop, step), ...) one triple per axis, normalised
+  pad      arg=((lo, hi), ...)           zero padding, one pair per axis
+  stop_gradient                          identity whose gradient is zero
+  loop     arg=LoopInfo                  see `unroll.ir.node.LoopInfo`
+  proj     arg=index                     one output of a multi-output node (loop, fused)
+  fused    arg=Graph                     a fused elementwise kernel (built by ir/fuse_cells)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+class Op(enum.Enum):
+    INPUT = "input"
+    PARAM = "param"
+    ARG = "arg"
+    CONST = "const"
+    # unary
+    NEG = "neg"
+    EXP = "exp"
+    LOG = "log"
+    TANH = "tanh"
+    SIGMOID = "sigmoid"
+    RELU = "relu"
+    SQRT = "sqrt"
+    ABS = "abs"
+    SIGN = "sign"
+    RECIP = "recip"
+    LOG1P = "log1p"
+    # binary
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    POW = "pow"
+    MAX = "maximum"
+    MIN = "minimum"
+    # comparisons
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    EQ = "eq"
+    NE = "ne"
+    WHERE = "where"
+    CAST = "cast"
+    MATMUL = "matmul"
+    SUM = "sum"
+    REDUCE_MAX = "max"
+    ARGMAX = "argmax"
+    ONEHOT = "onehot"
+    RESHAPE = "reshape"
+    TRANSPOSE = "transpose"
+    BROADCAST = "broadcast"
+    CONCAT = "concat"
+    SLICE = "slice"
+    PAD = "pad"
+    STOP_GRADIENT = "stop_gradient"
+    LOOP = "loop"
+    PROJ = "proj"
+    FUSED = "fused"
+
+    def __repr__(self) -> str:
+        return f"Op.{self.name}"
+
+
+UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.TANH, Op.SIGMOID, Op.RELU, Op.SQRT, Op.ABS, Op.SIGN,
+                   Op.RECIP, Op.LOG1P})
+BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAX, Op.MIN})
+COMPARE = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
+ELEMENTWISE = UNARY | BINARY | COMPARE | frozenset({Op.WHERE, Op.CAST, Op.STOP_GRADIENT})
+REDUCE = frozenset({Op.SUM, Op.REDUCE_MAX})
+MOVEMENT = frozenset({Op.RESHAPE, Op.TRANSPOSE, Op.BROADCAST, Op.CONCAT, Op.SLICE, Op.PAD})
+LEAVES = frozenset({Op.INPUT, Op.PARAM, Op.ARG, Op.CONST})
+MULTI_OUTPUT = frozenset({Op.LOOP, Op.FUSED})
+
+FLOAT_DTYPES = ("float32", "float64")
+INT_DTYPES = ("int32", "int64")
+DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
+DTYPE_SHORT = {"float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64", "bool": "bool"}
+SHORT_DTYPE = {v: k for k, v in DTYPE_SHORT.items()}
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A static shape and a dtype name (one of DTYPES)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise TypeError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
+        if not all(isinstance(d, int) and d >= 0 for d in self.shape):
+            raise TypeError(f"shape must be a tuple of non-negative ints, found {self.shape!r}")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        return f"{DTYPE_SHORT[self.dtype]}[{','.join(map(str, self.shape))}]"
+
+
+class ShapeError(ValueError):
+    """A node cannot be built: wrong shapes or dtypes. The message names op, expected and found."""
+
+
+def normalize_dtype(dtype: object) -> str:
+    """Accept 'float32', 'f32', np.float32, np.dtype('float32')."""
+    name = getattr(dtype, "__name__", None) or str(getattr(dtype, "name", dtype))
+    name = SHORT_DTYPE.get(name, name)
+    if name not in DTYPES:
+        raise TypeError(f"unsupported dtype {dtype!r}; expected one of {DTYPES}")
+    return name
+
+
+def broadcast_shapes(op: Op, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """numpy's broadcasting rule, with an error that shows every operand's shape."""
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for axis in range(ndim):
+        dims = {s[axis - ndim + len(s)] for s in shapes if axis - ndim + len(s) >= 0} - {1}
+        if len(dims) > 1:
+            raise ShapeError(f"{op.value}: operands do not broadcast; expected equal dims or 1 on every "
+                             f"axis, found shapes {' and '.join(map(str, map(list, shapes)))}")
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
+def _same_dtype(op: Op, types: Sequence[TensorType]) -> str:
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) != 1:
+        raise ShapeError(f"{op.value}: operands must share one dtype (cast explicitly), found "
+                         f"{', '.join(str(t) for t in types)}")
+    return dtypes.pop()
+
+
+def _float_only(op: Op, t: TensorType) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"{op.value}: expected a float tensor, found {t}")
+
+
+def _norm_axes(op: Op, axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ShapeError(f"{op.value}: axis {a} out of range for a tensor of rank {ndim}")
+        out.append(a % ndim)
+    return tuple(sorted(set(out)))
+
+
+# ---- type rules: op -> (source types, arg) -> result type ---------------------------------------
+
+def _unary(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    _float_only(op, ts[0])
+    return ts[0]
+
+
+def _binary(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    dtype = _same_dtype(op, ts)
+    if dtype == "bool":
+        raise ShapeError(f"{op.value}: arithmetic on bool tensors; cast first, found {ts[0]}, {ts[1]}")
+    return TensorType(broadcast_shapes(op, ts[0].shape, ts[1].shape), dtype)
+
+
+def _compare(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    _same_dtype(op, ts)
+    return TensorType(broadcast_shapes(op, ts[0].shape, ts[1].shape), "bool")
+
+
+def _where(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    if ts[0].dtype != "bool":
+        raise ShapeError(f"where: expected a bool condition, found {ts[0]}")
+    dtype = _same_dtype(op, ts[1:])
+    return TensorType(broadcast_shapes(op, *(t.shape for t in ts)), dtype)
+
+
+def _cast(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    return TensorType(ts[0].shape, normalize_dtype(arg))
+
+
+def _matmul(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    a, b = ts
+    dtype = _same_dtype(op, ts)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ShapeError(f"matmul: expected operands of rank >= 2 (reshape vectors to matrices), "
+                         f"found a {a} and b {b}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ShapeError(f"matmul: expected a.shape[-1] == b.shape[-2] (the contracted dim), "
+                         f"found a {a} and b {b} ({a.shape[-1]} != {b.shape[-2]})")
+    batch = broadcast_shapes(op, a.shape[:-2], b.shape[:-2])
+    return TensorType(batch + (a.shape[-2], b.shape[-1]), dtype)
+
+
+def _reduce(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    axes, keepdims = arg  # type: ignore[misc]
+    t = ts[0]
+    axes = _norm_axes(op, axes, t.ndim)
+    if keepdims:
+        return TensorType(tuple(1 if i in axes else d for i, d in enumerate(t.shape)), t.dtype)
+    return TensorType(tuple(d for i, d in enumerate(t.shape) if i not in axes), t.dtype)
+
+
+def _argmax(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    t = ts[0]
+    (axis,) = _norm_axes(op, (int(arg),), t.ndim)  # type: ignore[call-overload]
+    return TensorType(tuple(d for i, d in enumerate(t.shape) if i != axis), "int32")
+
+
+def _onehot(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    if ts[0].dtype not in INT_DTYPES:
+        raise ShapeError(f"onehot: expected an integer tensor of class ids, found {ts[0]}")
+    return TensorType(ts[0].shape + (int(arg),), "float32")  # type: ignore[call-overload]
+
+
+def _reshape(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    shape = tuple(arg)  # type: ignore[call-overload]
+    if math.prod(shape) != ts[0].size:
+        raise ShapeError(f"reshape: expected a shape with {ts[0].size} elements for {ts[0]}, "
+                         f"found {list(shape)}")
+    return TensorType(shape, ts[0].dtype)
+
+
+def _transpose(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    perm = tuple(arg)  # type: ignore[call-overload]
+    if sorted(perm) != list(range(ts[0].ndim)):
+        raise ShapeError(f"transpose: expected a permutation of 0..{ts[0].ndim - 1}, found {perm}")
+    return TensorType(tuple(ts[0].shape[p] for p in perm), ts[0].dtype)
+
+
+def _broadcast(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    shape = tuple(arg)  # type: ignore[call-overload]
+    if broadcast_shapes(op, ts[0].shape, shape) != shape:
+        raise ShapeError(f"broadcast: cannot broadcast {ts[0]} to {list(shape)}")
+    return TensorType(shape, ts[0].dtype)
+
+
+def _concat(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    dtype = _same_dtype(op, ts)
+    ndim = ts[0].ndim
+    (axis,) = _norm_axes(op, (int(arg),), ndim)  # type: ignore[call-overload]
+    for t in ts:
+        if t.ndim != ndim or any(d != e for i, (d, e) in enumerate(zip(t.shape, ts[0].shape)) if i != axis):
+            raise ShapeError(f"concat: expected equal shapes except on axis {axis}, found "
+                             f"{', '.join(str(t) for t in ts)}")
+    shape = list(ts[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in ts)
+    return TensorType(tuple(shape), dtype)
+
+
+def _slice(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    t = ts[0]
+    triples = tuple(arg)  # type: ignore[call-overload]
+    if len(triples) != t.ndim:
+        raise ShapeError(f"slice: expected one (start, stop, step) per axis of {t}, found {triples}")
+    shape = []
+    for (start, stop, step), dim in zip(triples, t.shape):
+        if step <= 0 or not 0 <= start <= dim or not 0 <= stop <= dim:
+            raise ShapeError(f"slice: expected 0 <= start, stop <= {dim} and step > 0, "
+                             f"found ({start}, {stop}, {step}) on {t}")
+        shape.append(len(range(start, stop, step)))
+    return TensorType(tuple(shape), t.dtype)
+
+
+def _pad(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    t = ts[0]
+    pairs = tuple(arg)  # type: ignore[call-overload]
+    if len(pairs) != t.ndim or any(lo < 0 or hi < 0 for lo, hi in pairs):
+        raise ShapeError(f"pad: expected one non-negative (lo, hi) per axis of {t}, found {pairs}")
+    return TensorType(tuple(d + lo + hi for d, (lo, hi) in zip(t.shape, pairs)), t.dtype)
+
+
+def _identity(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
+    return ts[0]
+
+
+TypeRule = Callable[[Op, Sequence[TensorType], object], TensorType]
+
+# ops whose type needs more than the table (leaves, loop, proj, fused) are typed in node.py
+TYPE_RULES: dict[Op, TypeRule] = {
+    **{op: _unary for op in UNARY},
+    **{op: _binary for op in BINARY},
+    **{op: _compare for op in COMPARE},
+    Op.WHERE: _where,
+    Op.CAST: _cast,
+    Op.MATMUL: _matmul,
+    Op.SUM: _reduce,
+    Op.REDUCE_MAX: _reduce,
+    Op.ARGMAX: _argmax,
+    Op.ONEHOT: _onehot,
+    Op.RESHAPE: _reshape,
+    Op.TRANSPOSE: _transpose,
+    Op.BROADCAST: _broadcast,
+    Op.CONCAT: _concat,
+    Op.SLICE: _slice,
+    Op.PAD: _pad,
+    Op.STOP_GRADIENT: _identity,
+}
+
+# how many sources each op takes (None: any number >= 1)
+ARITY: dict[Op, int | None] = {
+    **{op: 1 for op in UNARY},
+    **{op: 2 for op in BINARY | COMPARE},
+    Op.WHERE: 3, Op.CAST: 1, Op.MATMUL: 2, Op.SUM: 1, Op.REDUCE_MAX: 1, Op.ARGMAX: 1, Op.ONEHOT: 1,
+    Op.RESHAPE: 1, Op.TRANSPOSE: 1, Op.BROADCAST: 1, Op.CONCAT: None, Op.SLICE: 1, Op.PAD: 1,
+    Op.STOP_GRADIENT: 1, Op.INPUT: 0, Op.PARAM: 0, Op.ARG: 0, Op.CONST: 0, Op.PROJ: 1,
+    Op.LOOP: None, Op.FUSED: None,
+}
+
