@@ -3,8 +3,8 @@
 A Node is `(op, type, src, arg)` (after tinygrad's UOp). Nodes are interned: building the same
 `(op, src, arg)` twice returns the same object, so identical subexpressions are one node (CSE for free),
 equality is identity and graphs compare with `is`. Side data that is not part of a node's identity
-(the user's source line, the time step an unrolled node belongs to) lives in slots that the first
-builder fills.
+(the user's source line, the time step an unrolled node belongs to, its role such as "backward")
+lives in slots that the first builder fills.
 
 Every walk here is iterative: unrolled graphs are thousands of nodes deep.
 """
@@ -39,15 +39,16 @@ def user_location() -> str:
 class Node:
     """One value of the IR. Build nodes with `Node.make` / `Node.leaf`, never by hand."""
 
-    __slots__ = ("op", "type", "src", "arg", "loc", "step", "__weakref__")
+    __slots__ = ("op", "type", "src", "arg", "loc", "step", "role", "__weakref__")
     _interned: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
 
     op: Op
     type: NodeType
     src: tuple["Node", ...]
     arg: object
-    loc: str | None
-    step: int | None
+    loc: str | None    # the user's file:line that first built this node
+    step: int | None   # the time step of an unrolled node
+    role: str | None   # who made it: None (the user), "backward" (autodiff), "truncate", ...
 
     def __new__(cls, op: Op, type_: NodeType, src: tuple["Node", ...], arg: object) -> "Node":
         # ids are stable keys: an interned node holds its sources alive
@@ -56,7 +57,7 @@ class Node:
         if node is None:
             node = object.__new__(cls)
             node.op, node.type, node.src, node.arg = op, type_, src, arg
-            node.loc, node.step = None, None
+            node.loc, node.step, node.role = None, None, None
             cls._interned[key] = node
         return node
 
@@ -88,6 +89,8 @@ class Node:
                         loc=self.loc)
         if new.step is None:
             new.step = self.step
+        if new.role is None:
+            new.role = self.role
         return new
 
     # ---- views -------------------------------------------------------------------------------
