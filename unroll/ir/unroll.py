@@ -19,8 +19,8 @@ def unroll(graph: Graph | Node | Sequence[Node], factor: int | None = None):
     """Unroll every loop of `graph` (nested loops too). Returns the same kind it was given."""
     if isinstance(graph, Graph):
         outs = unroll_nodes(list(graph.outputs), factor)
-        return Graph.of(outs, graph.output_names) if graph.inputs and all(
-            n.op in (Op.INPUT, Op.PARAM) for n in graph.inputs) else Graph(graph.inputs, tuple(outs))
+        # keep the declared inputs (and their order) even if an unused sequence is no longer reached
+        return Graph(graph.inputs, tuple(outs), graph.output_names)
     if isinstance(graph, Node):
         return unroll_nodes([graph], factor)[0]
     return unroll_nodes(list(graph), factor)
@@ -48,13 +48,20 @@ def unroll_nodes(roots: list[Node], factor: int | None) -> list[Node]:
     return rewrite(roots, visit)
 
 
-def _inline(body: Graph, args: Sequence[Node], step: int | None) -> list[Node]:
-    """The body's outputs computed on `args`; new nodes are tagged with the time step."""
+def _inline(body: Graph, args: Sequence[Node], step: int | None, n_consts: int = 0) -> list[Node]:
+    """The body's outputs computed on `args` (consts first); nodes that depend on the step's
+    carries or slices are tagged with the time step."""
     outs = substitute(list(body.outputs), dict(zip(body.inputs, args)))
     if step is not None:
+        # Tag only new nodes that depend on this step's carries or slices. Nodes are interned and
+        # shared: step-invariant ones (constant leaves above all) belong to no step, and when the
+        # args are the body's own ARG leaves (nested or chunked loops) the body's own nodes come back.
+        varying, own = set(args[n_consts:]), set(toposort(body.outputs))
         for node in toposort(outs, stop=set(args)):
-            if node.step is None and node not in args:
-                node.step = step
+            if node not in args and any(s in varying for s in node.src):
+                varying.add(node)
+                if node.step is None and node not in own:
+                    node.step = step
     return outs
 
 
@@ -62,15 +69,16 @@ def _steps(length: int, reverse: bool) -> range:
     return range(length - 1, -1, -1) if reverse else range(length)
 
 
-def _expand(info: LoopInfo, src: list[Node], loc: str | None, steps: Sequence[int] | None = None
-            ) -> list[Node]:
+def _expand(info: LoopInfo, src: list[Node], loc: str | None, steps: Sequence[int] | None = None,
+            tag: bool = True) -> list[Node]:
     """Outputs of the loop with every step explicit: final carries, then per-step outputs stacked
-    over the steps run (all of them unless `steps` names some), in time order."""
+    over the steps run (all of them unless `steps` names some), in time order. `tag=False` leaves
+    step tags alone (a chunk body's steps are no fixed time steps)."""
     n_c, n_h = info.n_consts, info.n_carry
     consts, carry, xs = src[:n_c], src[n_c:n_c + n_h], src[n_c + n_h:]
     per_step: dict[int, list[Node]] = {}
     for t in (steps if steps is not None else _steps(info.length, info.reverse)):
-        outs = _inline(info.body, consts + carry + [x[t] for x in xs], t)
+        outs = _inline(info.body, consts + carry + [x[t] for x in xs], t if tag else None, n_c)
         carry, per_step[t] = outs[:n_h], outs[n_h:]
     ys = []
     for k in range(info.n_ys):
@@ -90,7 +98,8 @@ def _by_factor(info: LoopInfo, src: list[Node], k: int, loc: str | None) -> list
     x_args = [Node.leaf(Op.ARG, TensorType((k,) + x.shape[1:], x.dtype), n_c + n_h + i)
               for i, x in enumerate(xs)]
     inner = LoopInfo(info.body, k, n_c, n_h, info.reverse)
-    body_outs = _expand(inner, args + x_args, loc)
+    # untagged: the chunk body's nodes on the original body args are the original body's own nodes
+    body_outs = _expand(inner, args + x_args, loc, tag=False)
     chunk_body = Graph(tuple(args + x_args), tuple(body_outs))
     chunk_xs = [b.reshape(x[:main], (chunks, k) + x.shape[1:]) for x in xs]
     chunk_info = LoopInfo(chunk_body, chunks, n_c, n_h, info.reverse)
