@@ -18,6 +18,8 @@ from .ir.node import Graph, Node
 from .ir.ops import ShapeError
 from .ir.unroll import unroll
 from .ir.verify import VerifyError, verify
+from .viz import draw, to_dot, to_networkx
+from . import nn
 
 __version__ = "0.1.0"
 
@@ -25,8 +27,9 @@ __all__ = [
     "Compiled", "FeedError", "Graph", "Node", "ShapeError", "VerifyError", "abs", "add", "argmax",
     "broadcast_to", "cast", "compile", "concat", "const", "div", "equal", "exp", "full", "graph",
     "greater", "greater_equal", "init_values", "input", "less", "less_equal", "log", "log1p",
-    "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "minimum", "mul", "neg",
+    "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "minimum", "mul", "neg", "nn",
     "not_equal", "onehot", "ones", "pad", "param", "pow", "recip", "relu", "reshape", "scan",
     "sigmoid", "sign", "slice_axis", "softmax", "softplus", "split", "sqrt", "stack",
     "stop_gradient", "sub", "sum", "tanh", "transpose", "unroll", "verify", "where", "zeros",
+    "draw", "to_dot", "to_networkx",
 ]
