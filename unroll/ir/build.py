@@ -189,6 +189,19 @@ def pad(x: Node, pads: Sequence[tuple[int, int]]) -> Node:
 def getitem(x: Node, index: object) -> Node:
     """Basic indexing: ints (drop the axis), slices with step > 0, Ellipsis."""
     items = list(index) if isinstance(index, tuple) else [index]
+    if any(item is None for item in items):  # numpy's newaxis: index without it, then reshape
+        kept = [item for item in items if item is not None]
+        out = getitem(x, tuple(kept))
+        if Ellipsis in kept:
+            raise ShapeError(f"index: None together with ... is not supported\n  at {user_location()}")
+        shape, dims = [], iter(out.shape)
+        for item in items:
+            if item is None:
+                shape.append(1)
+            elif not isinstance(item, (int, np.integer)):
+                shape.append(next(dims))
+        shape.extend(dims)
+        return reshape(out, tuple(shape))
     if Ellipsis in items:
         at = items.index(Ellipsis)
         items[at:at + 1] = [slice(None)] * (x.ndim - len(items) + 1)

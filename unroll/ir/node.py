@@ -11,6 +11,7 @@ Every walk here is iterative: unrolled graphs are thousands of nodes deep.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -25,12 +26,17 @@ NodeType = TensorType | tuple[TensorType, ...]
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_internal(path: str) -> bool:
+    return os.path.abspath(path).startswith(_PACKAGE_DIR + os.sep) or "<frozen" in path
+
+
 def user_location() -> str:
     """`file:line` of the innermost caller outside the unroll package (the user's line)."""
     frame = sys._getframe(1)
     while frame is not None:
         path = frame.f_code.co_filename
-        if not os.path.abspath(path).startswith(_PACKAGE_DIR + os.sep) and "<frozen" not in path:
+        if not _is_internal(path):
             return f"{path}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return "<unknown>"
