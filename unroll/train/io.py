@@ -1,0 +1,60 @@
+"""Save and load named parameter arrays as .npz files (no pickles, names kept exactly).
+
+The file is a standard .npz (a zip of .npy files, readable by `np.load`), written to exactly the
+given path (no ".npz" is appended) through a temporary file and `os.replace`, so a crash never leaves
+half a checkpoint. Names may hold dots ("lstm.weight_ih_l0") or any other character except "/",
+and order is preserved. Loading uses `allow_pickle=False`: an entry holding Python objects is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from typing import Mapping
+
+import numpy as np
+
+
+def save_params(path: str | os.PathLike[str], params: Mapping[str, np.ndarray]) -> None:
+    """Write `{name: array}` to an .npz file at `path`."""
+    arrays = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+            raise ValueError(f"save_params: names must be non-empty strings without '/' or '\\', "
+                             f"found {name!r}")
+        arr = np.asarray(value)
+        if arr.dtype.hasobject:
+            raise ValueError(f"save_params: {name!r} holds Python objects (dtype {arr.dtype}); only "
+                             f"numeric arrays can be saved")
+        arrays[name] = arr
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".params-", suffix=".npz.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, arr in arrays.items():
+                with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read an .npz file into `{name: array}` in file order. Refuses pickled (object) entries."""
+    loaded = np.load(os.fspath(path), allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"load_params: {os.fspath(path)!r} is a single .npy array, expected an .npz "
+                         f"archive of named arrays")
+    with loaded as npz:
+        out = {}
+        for name in npz.files:
+            try:
+                out[name] = npz[name]
+            except ValueError as err:
+                raise ValueError(f"load_params: entry {name!r} of {os.fspath(path)!r} holds pickled "
+                                 f"Python objects; refusing to load it (allow_pickle=False)") from err
+        return out

@@ -1,0 +1,248 @@
+"""`fit`: the training loop. Mini-batches from arrays, a compiled TrainStep, progress, evaluation.
+
+    result = ur.fit(loss, model_or_params, {"x": x, "y": y}, epochs=5, optimizer=ur.Adam(lr=1e-2), clip=1.0)
+    params, history = result            # or result.params, result.history, result.trainer
+
+Batches and static shapes. A graph's shapes are static, so the graph's batch size *is* the
+mini-batch size (`batch_size=`, if given, must agree). `data` maps every graph input to an array
+holding the whole data set, with the examples along the input's batch axis:
+  * `batch_axes={"x": 1}` names that axis explicitly (None: the array is fed whole to every step);
+  * otherwise it is inferred: the one axis where the array's size differs from the graph input's.
+    For a seq-first input `ur.input("x", (T, B, I))` and data of shape (T, N, I) that is axis 1;
+    for a target `ur.input("y", (B, 1))` and data (N, 1), axis 0.
+  * An array whose shape equals the graph input's is fed whole to every step (a constant input, or
+    a data set of exactly one batch). Pass `batch_axes` when N could equal B by accident.
+All batched inputs must hold the same number N of examples. Each epoch visits them in a fresh
+seeded permutation (`shuffle=False`: in order). The last partial batch (N % B examples) is dropped
+(`drop_last=True`, the default); with `drop_last=False` it is filled up to B with examples from
+the start of the epoch's order, so it is seen once more rather than padded with fake data.
+
+Stopping. `epochs` and/or `steps` (optimizer updates in all) bound the run, whichever ends first.
+`eval_fn` may raise `StopTraining` to end it early.
+A non-finite loss or gradient stops the run with a warning (that update is skipped, so the values
+returned are the last finite ones) and `history.stopped` says why.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from ..ir.node import Node
+from .optim import Optimizer
+from .step import Clip, TrainStep
+
+EvalFn = Callable[[dict[str, np.ndarray]], Any]
+
+
+class StopTraining(Exception):
+    """Raise it from `eval_fn` to end `fit` early (e.g. once a target metric is reached); its
+    message goes to `history.stopped`."""
+
+
+@dataclass
+class History:
+    """What happened during `fit`: per-step losses and pre-clip gradient norms, per-epoch mean
+    losses, evaluation results as (step, result) pairs, wall time, and why it stopped early (if)."""
+
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    epoch_loss: list[float] = field(default_factory=list)
+    evals: list[tuple[int, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+
+@dataclass
+class FitResult:
+    params: dict[str, np.ndarray]  # trained values (copies), name -> array
+    history: History
+    trainer: TrainStep             # to keep training, or to evaluate
+
+    def __iter__(self) -> Iterator[Any]:  # params, history = ur.fit(...)
+        return iter((self.params, self.history))
+
+
+@dataclass(frozen=True)
+class _Feed:
+    name: str
+    data: np.ndarray
+    axis: int | None  # batch axis; None: fed whole to every step
+
+
+def _plan_feeds(inputs: Mapping[str, Node], data: Mapping[str, Any],
+                batch_axes: Mapping[str, int | None] | None) -> tuple[list[_Feed], int, int]:
+    """Each input's batch axis, the number of examples N and the batch size B (see module doc)."""
+    batch_axes = dict(batch_axes or {})
+    missing = [n for n in inputs if n not in data]
+    extra = [n for n in data if n not in inputs]
+    if missing or extra:
+        raise KeyError("fit: data must hold one array per graph input; "
+                       + (f"missing {', '.join(map(repr, missing))}; " if missing else "")
+                       + (f"not graph inputs: {', '.join(map(repr, extra))}; " if extra else "")
+                       + "inputs: " + ", ".join(f"{n} {node.type}" for n, node in inputs.items()))
+    unknown = [n for n in batch_axes if n not in inputs]
+    if unknown:
+        raise KeyError(f"fit: batch_axes names {', '.join(map(repr, unknown))}, not graph inputs")
+    feeds, sizes, batches = [], {}, {}
+    for name, node in inputs.items():
+        arr = np.asarray(data[name])
+        want = node.shape
+        if arr.ndim != len(want):
+            raise ValueError(f"fit: data[{name!r}] has shape {list(arr.shape)}, but input {name!r} is "
+                             f"{node.type}: expected the same rank, examples along the batch axis")
+        if name in batch_axes:
+            axis = batch_axes[name]
+            if axis is not None:
+                axis = int(axis) % arr.ndim
+        else:
+            differ = [i for i, (d, g) in enumerate(zip(arr.shape, want)) if d != g]
+            if len(differ) > 1:
+                raise ValueError(f"fit: data[{name!r}] has shape {list(arr.shape)} but input {name!r} is "
+                                 f"{node.type}: they differ on axes {differ}, expected only the batch "
+                                 f"axis to differ (or pass batch_axes)")
+            axis = differ[0] if differ else None
+        if axis is not None:
+            other = [i for i, (d, g) in enumerate(zip(arr.shape, want)) if d != g and i != axis]
+            if other:
+                raise ValueError(f"fit: data[{name!r}] has shape {list(arr.shape)} but input {name!r} is "
+                                 f"{node.type}: axes {other} differ besides the batch axis {axis}")
+            sizes[name], batches[name] = arr.shape[axis], want[axis]
+        elif arr.shape != want:
+            raise ValueError(f"fit: data[{name!r}] is fed whole (batch axis None) but has shape "
+                             f"{list(arr.shape)}, expected {list(want)}")
+        feeds.append(_Feed(name, arr, axis))
+    if len(set(sizes.values())) > 1:
+        raise ValueError("fit: batched inputs hold different numbers of examples: "
+                         + ", ".join(f"{n}: {s}" for n, s in sizes.items()))
+    if len(set(batches.values())) > 1:
+        raise ValueError("fit: graph inputs disagree on the batch size: "
+                         + ", ".join(f"{n}: {b}" for n, b in batches.items()))
+    if not sizes:  # every array is fed whole: the data set is one batch
+        return feeds, 1, 1
+    return feeds, next(iter(sizes.values())), next(iter(batches.values()))
+
+
+def _epoch_batches(n: int, batch: int, rng: np.random.Generator | None,
+                   drop_last: bool) -> list[np.ndarray]:
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    full = n // batch
+    out = [order[k * batch:(k + 1) * batch] for k in range(full)]
+    rest = n - full * batch
+    if rest and not drop_last:
+        out.append(np.concatenate([order[full * batch:], np.resize(order, batch - rest)]))
+    return out
+
+
+def _show_progress(progress: bool) -> bool:
+    return bool(progress) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any], *,
+        epochs: int | None = None, steps: int | None = None, batch_size: int | None = None,
+        optimizer: Optimizer | str | None = "adam", lr: float | None = None, clip: Clip = None,
+        backend: str = "numpy", batch_axes: Mapping[str, int | None] | None = None,
+        shuffle: bool = True, drop_last: bool = True, values: Mapping[str, np.ndarray] | None = None,
+        grads: list[Node] | None = None, eval_fn: EvalFn | None = None, eval_every: int | None = None,
+        policy: Any = None, optimize: bool = False, progress: bool = True, seed: int = 0,
+        trainer: TrainStep | None = None) -> FitResult:
+    """Train `loss` (a scalar node) with respect to `params` (PARAM nodes and/or models with
+    `.parameters()`; None: every parameter of the loss) on `data` (input name -> array of all
+    examples; batch axes as in the module doc).
+
+    optimizer: an Optimizer or a name ("adam" default, "sgd", "rmsprop", "adamw"), `lr` overrides
+    its learning rate. clip: None, a max global norm, ("norm", c), ("value", c) or fn(grads) -> grads.
+    values: initial parameter values (e.g. a model's state_dict()); default: drawn from the params'
+    init specs with `seed`. eval_fn(values) -> float | dict | None runs every `eval_every` steps
+    (default: after each epoch); its results go to history.evals and the progress bar; it may
+    raise StopTraining to end the run early.
+    progress: a tqdm bar with the running mean loss of the epoch, shown only on a terminal.
+    Models given in `params` start from their state_dict() and get the trained values loaded
+    back at the end (as training a torch module updates it).
+    grads, policy, optimize: how the step's gradients are built and compiled (see TrainStep).
+    trainer: an existing TrainStep to continue (then params, optimizer, clip, backend, values,
+    grads, policy and optimize are taken from it). Returns FitResult(params, history, trainer).
+    """
+    for what, count in (("epochs", epochs), ("steps", steps), ("eval_every", eval_every)):
+        if count is not None and (not isinstance(count, int) or count < 1):
+            raise ValueError(f"fit: {what} must be a positive int or None, found {count!r}")
+    if trainer is None:
+        trainer = TrainStep(loss, params, optimizer=optimizer, lr=lr, clip=clip, backend=backend,
+                            values=values, seed=seed, grads=grads, policy=policy, optimize=optimize)
+    feeds, n_examples, batch = _plan_feeds(trainer.inputs, data, batch_axes)
+    if batch_size is not None and any(f.axis is not None for f in feeds) and batch_size != batch:
+        raise ValueError(f"fit: batch_size={batch_size}, but the graph's inputs have batch size {batch} "
+                         f"(shapes are static: build the graph with the batch size you want)")
+    if drop_last and n_examples < batch:
+        raise ValueError(f"fit: the data holds {n_examples} examples, fewer than one batch of {batch}; "
+                         f"pass drop_last=False to repeat examples, or build a smaller batch")
+    per_epoch = n_examples // batch if drop_last else math.ceil(n_examples / batch)
+    if epochs is None and steps is None:
+        epochs = 1
+    total = min(x for x in (steps, None if epochs is None else epochs * per_epoch) if x is not None)
+    rng = np.random.default_rng(seed)
+    history = History()
+    start = time.perf_counter()
+    from tqdm.auto import tqdm  # late: `import unroll` stays light
+    bar = tqdm(total=total, disable=not _show_progress(progress), unit="step", dynamic_ncols=True,
+               leave=True)
+    postfix: dict[str, Any] = {}
+
+    def evaluate() -> None:
+        try:
+            result = eval_fn(dict(trainer.values))  # type: ignore[misc]
+        except StopTraining as stop:
+            history.stopped = f"step {history.steps}: {stop}" if str(stop) else f"step {history.steps}"
+            return
+        history.evals.append((history.steps, result))
+        if isinstance(result, Mapping):
+            postfix.update({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result.items()})
+        elif isinstance(result, (int, float)):
+            postfix["eval"] = f"{result:.4g}"
+
+    epoch = 0
+    try:
+        while history.steps < total and history.stopped is None:
+            whole = {f.name: f.data for f in feeds if f.axis is None}
+            epoch_sum, epoch_steps = 0.0, 0
+            for idx in _epoch_batches(n_examples, batch, rng if shuffle else None, drop_last):
+                feed = dict(whole)
+                feed.update({f.name: np.take(f.data, idx, axis=f.axis) for f in feeds if f.axis is not None})
+                stats = trainer.step(feed)
+                if not stats.applied:
+                    history.stopped = (f"step {history.steps + 1} (epoch {epoch + 1}): loss {stats.loss} or "
+                                       f"gradient norm {stats.grad_norm} is not finite; the update was "
+                                       f"skipped (try a smaller lr or clip=1.0)")
+                    warnings.warn(f"fit stopped at {history.stopped}", RuntimeWarning, stacklevel=2)
+                    break
+                history.loss.append(stats.loss)
+                history.grad_norm.append(stats.grad_norm)
+                epoch_sum, epoch_steps = epoch_sum + stats.loss, epoch_steps + 1
+                postfix["loss"] = f"{epoch_sum / epoch_steps:.4g}"
+                if eval_fn is not None and eval_every and history.steps % eval_every == 0:
+                    evaluate()
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if history.steps >= total or history.stopped is not None:
+                    break
+            if epoch_steps:
+                history.epoch_loss.append(epoch_sum / epoch_steps)
+            epoch += 1
+            if eval_fn is not None and not eval_every and history.stopped is None:
+                evaluate()
+                bar.set_postfix(postfix)
+    finally:
+        bar.close()
+        history.seconds = time.perf_counter() - start
+    trainer.write_back()
+    return FitResult({k: v.copy() for k, v in trainer.values.items()}, history, trainer)
