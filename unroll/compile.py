@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .ir.loops import merge_loops
 from .ir.node import Graph, Node
 from .ir.ops import FLOAT_DTYPES, INT_DTYPES
 
@@ -83,7 +84,7 @@ def _coerce(name: str, node: Node, value: Any, flexible: bool) -> np.ndarray:
     if bad_shape:
         raise FeedError(f"input {name!r}: expected shape {list(node.shape)} ({node.type}), "
                         f"found {list(arr.shape)}")
-    return np.ascontiguousarray(arr, dtype=want)
+    return np.asarray(arr, dtype=want, order="C")  # ascontiguousarray would make a 0-d feed 1-d
 
 
 def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", **options: Any) -> Compiled:  # noqa: A001
@@ -94,6 +95,11 @@ def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", **op
         graph = outputs
     else:
         graph = Graph.of([outputs] if single else list(outputs))  # type: ignore[list-item]
+    # [loss, *grad(loss)] names the user's forward loop and the gradient's extended copy of it:
+    # run the forward once (one graph walk when there is nothing to merge)
+    merged = merge_loops(list(graph.outputs))
+    if any(a is not b for a, b in zip(merged, graph.outputs)):
+        graph = Graph(graph.inputs, tuple(merged), graph.output_names)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     module = importlib.import_module(BACKENDS[backend])
