@@ -16,20 +16,31 @@ from .ir.build import (abs, add, argmax, broadcast_to, cast, concat, const, div,
                        sign, slice_axis, split, sqrt, stop_gradient, sub, sum, tanh, transpose, where)
 from .ir.node import Graph, Node
 from .ir.ops import ShapeError
+from .ir.optimize import explain, optimize
 from .ir.unroll import unroll
 from .ir.verify import VerifyError, verify
+from .ir.autodiff import Checkpoint, Recompute, SaveAll, grad, value_and_grad, vjp
+from .ir.truncate import truncate, truncation_bias
 from .viz import draw, to_dot, to_networkx
 from . import nn
+from .diagnostics import GradientFlow, gradient_flow, plot_gradient_flow
+from . import data, train
+from .train import (SGD, Adam, AdamW, RMSprop, StopTraining, TrainStep, clip_by_global_norm,
+                    clip_by_value, fit, load_params, save_params)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Compiled", "FeedError", "Graph", "Node", "ShapeError", "VerifyError", "abs", "add", "argmax",
-    "broadcast_to", "cast", "compile", "concat", "const", "div", "equal", "exp", "full", "graph",
+    "broadcast_to", "cast", "compile", "concat", "const", "div", "equal", "exp", "explain", "full", "graph",
     "greater", "greater_equal", "init_values", "input", "less", "less_equal", "log", "log1p",
     "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "minimum", "mul", "neg", "nn",
-    "not_equal", "onehot", "ones", "pad", "param", "pow", "recip", "relu", "reshape", "scan",
+    "not_equal", "onehot", "ones", "optimize", "pad", "param", "pow", "recip", "relu", "reshape", "scan",
     "sigmoid", "sign", "slice_axis", "softmax", "softplus", "split", "sqrt", "stack",
     "stop_gradient", "sub", "sum", "tanh", "transpose", "unroll", "verify", "where", "zeros",
     "draw", "to_dot", "to_networkx",
+    "GradientFlow", "gradient_flow", "plot_gradient_flow",
+    "Checkpoint", "Recompute", "SaveAll", "grad", "truncate", "truncation_bias", "value_and_grad", "vjp",
+    "data", "train", "SGD", "Adam", "AdamW", "RMSprop", "StopTraining", "TrainStep", "clip_by_global_norm",
+    "clip_by_value", "fit", "load_params", "save_params",
 ]

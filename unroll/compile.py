@@ -60,8 +60,13 @@ class Compiled:
                 parts.append(f"unexpected {', '.join(map(repr, extra))}")
             raise FeedError(f"compiled graph: {'; '.join(parts)}; expected inputs: {', '.join(names)}")
         arrays = []
+        device_ok = self.backend == "cuda"  # GPU arrays are checked here and used in place
         for name, node in zip(names, self.graph.inputs):
-            arrays.append(_coerce(name, node, feeds[name], self.flexible_shapes))
+            value = feeds[name]
+            if device_ok and hasattr(value, "__cuda_array_interface__"):
+                arrays.append(_check_device_array(name, node, value))
+            else:
+                arrays.append(_coerce(name, node, value, self.flexible_shapes))
         return arrays
 
     def __call__(self, **feeds: Any) -> Any:
@@ -70,6 +75,16 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"<Compiled {self.backend}: ({', '.join(self.input_names)}) -> {len(self.graph.outputs)} outputs>"
+
+
+def _check_device_array(name: str, node: Node, value: Any) -> Any:
+    """A GPU array (numba, CuPy, PyTorch) fed to the cuda backend: exact dtype and shape, no copy."""
+    iface = value.__cuda_array_interface__
+    dtype, shape = np.dtype(iface["typestr"]), tuple(iface["shape"])
+    if dtype != np.dtype(node.dtype) or shape != node.shape:
+        raise FeedError(f"input {name!r}: expected a device array of {node.type}, found dtype {dtype} "
+                        f"with shape {list(shape)} (device arrays are not converted)")
+    return value
 
 
 def _coerce(name: str, node: Node, value: Any, flexible: bool) -> np.ndarray:

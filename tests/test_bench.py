@@ -1,0 +1,83 @@
+"""Smoke tests of `unroll bench` (unroll.bench): a tiny run end to end, the table, config parsing.
+No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("numba")
+
+from unroll import bench  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNROLL_CACHE_DIR", str(tmp_path / "gen"))
+
+
+def test_tiny_run_writes_json_table_and_plot(tmp_path):
+    impls = ["numpy", "numba", "torch", "jax"]
+    out = tmp_path / "results"
+    result = bench.run_bench(cells=("rnn",), configs=("4,2,3,5",), impls=impls, repeats=3, budget_s=0.1,
+                             out_dir=str(out), quiet=True)
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert {"numpy", "numba"} <= set(rows)
+    for name in ("numpy", "numba"):
+        assert rows[name]["median_ms"] is not None and rows[name]["first_ms"] is not None, rows[name]
+        assert rows[name]["repeats"] >= 3
+    if "torch" in rows:
+        assert rows["torch"]["median_ms"] is not None, rows["torch"]["note"]
+    assert "| rnn |" in result["table"] and "numba / best peer" in result["table"]
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["rows"] and "OPENBLAS_NUM_THREADS" in saved["header"]
+    assert (out / "bench.md").exists()
+    assert (out / "bench.png").exists() or not _has_matplotlib()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_tcn_and_lstm_rows_run():
+    result = bench.run_bench(cells=("tcn", "lstm"), configs=("3,2,2,3",), impls=["numpy", "torch"], repeats=3,
+                             budget_s=0.05, memory=False, quiet=True)
+    assert all(r["median_ms"] is not None or r["note"] for r in result["rows"])
+    assert any(r["impl"] == "numpy" and r["median_ms"] is not None for r in result["rows"])
+
+
+def test_ratio_is_numba_over_best_peer():
+    rows = [dict(cell="lstm", config="tiny", T=1, B=1, I=1, H=1, impl=i, median_ms=ms, first_ms=1.0, peak_mb=2.0)
+            for i, ms in (("numba", 1.0), ("torch", 4.0), ("jax", 2.0))]
+    assert bench.ratios(rows)[("lstm", "tiny")] == pytest.approx(0.5)
+    table = bench.format_table(rows)
+    assert "0.50x" in table and "2.0/2.0" in table
+
+
+def test_parse_config_and_cli_errors(capsys):
+    assert bench.parse_config("tiny") == ("tiny", (50, 1, 16, 32))
+    assert bench.parse_config("7,3,2,5") == ("7,3,2,5", (7, 3, 2, 5))
+    with pytest.raises(ValueError, match="T,B,I,H"):
+        bench.parse_config("7,3")
+    with pytest.raises(SystemExit):
+        bench.main(["--configs", "huge"])
+    assert "T,B,I,H" in capsys.readouterr().err
+
+
+def test_peak_memory_measures_an_allocation():
+    import numpy as np
+    mb, method = bench.peak_memory_mb(lambda: np.ones(8 * 2 ** 20 // 8).sum())
+    assert method in ("rss", "tracemalloc") and mb >= 0
+
+
+def test_header_reports_threads():
+    head = bench.header()
+    for key in ("OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        assert key in head
+    assert os.cpu_count() == head["cpus"]

@@ -1,0 +1,324 @@
+"""The Numba CPU backend equals the numpy reference, caches across processes and does not recompile
+for a new sequence length or batch size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+pytest.importorskip("scipy")
+
+import unroll as ur  # noqa: E402
+from unroll.backends import numba_cpu, numpy_ref  # noqa: E402
+from unroll.ir import Op  # noqa: E402
+from unroll.ir.autodiff import grad  # noqa: E402
+
+from strategies import graphs, random_feeds, rnn_cells  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cache_dirs(tmp_path_factory):
+    """Generated modules and Numba's cache in a temporary directory for this module's tests."""
+    base = tmp_path_factory.mktemp("unroll_cache")
+    old = {k: os.environ.get(k) for k in ("UNROLL_CACHE_DIR",)}
+    os.environ["UNROLL_CACHE_DIR"] = str(base)
+    yield base
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def assert_same(graph: ur.Graph, feeds: dict[str, np.ndarray], optimize: bool = True, rtol: float = 2e-4,
+                atol: float = 2e-5) -> None:
+    args = [feeds[n] for n in graph.input_names]
+    expected = numpy_ref.compile_graph(graph)(args)
+    got = numba_cpu.compile_graph(graph, optimize=optimize)(args)
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape and g.dtype == e.dtype, (g.shape, g.dtype, e.shape, e.dtype)
+        if e.dtype.kind == "f":
+            scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
+            np.testing.assert_allclose(g, e, rtol=rtol, atol=atol * scale)
+        else:
+            np.testing.assert_array_equal(g, e)
+
+
+def feeds_for(graph: ur.Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    return random_feeds(graph, seed)
+
+
+# ---- hand-built graphs: every op family ----------------------------------------------------------
+
+def test_elementwise_reductions_and_movement_ops():
+    x = ur.input("x", (3, 4, 5))
+    w = ur.param("w", (5, 6))
+    v = ur.input("v", (5,))
+    y = ur.tanh(x * 2.0 + v) - ur.sigmoid(x) / (ur.exp(-ur.abs(x)) + 1.0)
+    outs = [
+        y,
+        ur.sum(y, axis=(0, 2)), ur.max(y, axis=1, keepdims=True), ur.sum(y), ur.mean(y, axis=-1),
+        ur.reshape(y, (12, 5)) @ w, ur.transpose(y, (2, 0, 1)), y[1:, ::2, 3],
+        ur.concat([y, x], axis=1), ur.pad(y, ((1, 0), (0, 2), (0, 0))), ur.broadcast_to(v, (2, 5)),
+        ur.where(ur.greater(x, 0.1), x, ur.relu(-x)), ur.cast(ur.argmax(y, -1), "float32"),
+        ur.onehot(ur.argmax(y, 1), 7), ur.maximum(x, v) ** 2.0, ur.log1p(ur.sqrt(ur.abs(x))),
+        ur.sign(x) * ur.recip(ur.abs(x) + 1.0), ur.reshape(ur.transpose(ur.reshape(y, (12, 5))), (5, 12)),
+    ]
+    g = ur.graph(outs)
+    assert_same(g, feeds_for(g), optimize=False)
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("m,k,n", [(3, 4, 5), (40, 50, 60)])  # loops and BLAS paths
+def test_matmul_layouts(ta, tb, m, k, n):
+    a = ur.input("a", (k, m) if ta else (m, k))
+    c = ur.input("c", (n, k) if tb else (k, n))
+    acc = ur.input("acc", (m, n))
+    prod = (a.T if ta else a) @ (c.T if tb else c)
+    g = ur.graph([prod, acc + prod * 1.0, acc + (a.T if ta else a) @ (c.T if tb else c)])
+    assert_same(g, feeds_for(g), optimize=False)
+
+
+def test_batched_matmul_and_scalars():
+    a = ur.input("a", (2, 3, 4))
+    c = ur.input("c", (4, 5))
+    s = ur.input("s", ())
+    g = ur.graph([a @ c, ur.sum(a) * s, s + 1.0])
+    assert_same(g, feeds_for(g), optimize=False)
+
+
+def test_int_and_bool_values():
+    i = ur.input("i", (3, 4), "int32")
+    f = ur.input("f", (3, 4))
+    m = ur.less(f, 0.0)
+    g = ur.graph([ur.cast(i, "float32") * f, ur.where(m, i, i * 2), ur.cast(f, "int32"), m,
+                  ur.sum(i, axis=0)])
+    assert_same(g, feeds_for(g), optimize=False)
+
+
+# ---- loops ---------------------------------------------------------------------------------------
+
+def _cell_graph(kind: str, T: int, B: int, I: int, H: int, seed: int = 0):  # noqa: E741
+    x = ur.input("x", (T, B, I))
+    y = ur.input("y", (T, B, H))
+    model = {"rnn": ur.nn.RNN, "lstm": ur.nn.LSTM, "gru": ur.nn.GRU}[kind](I, H, seed=seed)
+    out, _ = model(x)
+    loss = ur.mean((out - y) ** 2)
+    g = ur.graph([loss, *grad(loss, list(model.parameters()))])
+    rng = np.random.default_rng(seed)
+    feeds = {"x": rng.standard_normal((T, B, I)).astype(np.float32),
+             "y": rng.standard_normal((T, B, H)).astype(np.float32), **model.state_dict()}
+    return g, feeds
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("optimize", [True, False])
+def test_training_step_equals_reference(kind, optimize):
+    g, feeds = _cell_graph(kind, 6, 3, 4, 5)
+    assert_same(g, feeds, optimize=optimize)
+
+
+def test_tcn_training_step():
+    x = ur.input("x", (9, 2, 3))
+    y = ur.input("y", (9, 2, 4))
+    tcn = ur.nn.TCN(3, [4, 4], kernel_size=3)
+    loss = ur.mean((tcn(x) - y) ** 2)
+    g = ur.graph([loss, *grad(loss, list(tcn.parameters()))])
+    feeds = {**feeds_for(ur.graph([x, y])), **tcn.state_dict()}
+    assert_same(g, feeds)
+
+
+def test_truncated_bptt_graph():
+    from unroll.ir.truncate import truncate
+    x = ur.input("x", (10, 2, 3))
+    y = ur.input("y", (10, 2, 4))
+    lstm = ur.nn.LSTM(3, 4)
+    out, _ = lstm(x)
+    loss = truncate(ur.mean((out - y) ** 2), 3)
+    g = ur.graph([loss, *grad(loss, list(lstm.parameters()))])
+    feeds = {**feeds_for(ur.graph([x, y])), **lstm.state_dict()}
+    assert_same(g, feeds)
+
+
+def test_encoder_decoder_and_greedy_decode():
+    src = ur.input("src", (7, 2, 3))
+    tgt = ur.input("tgt", (5, 2, 3))
+    enc = ur.nn.GRU(3, 4, name="enc")
+    dec = ur.nn.GRU(3, 4, name="dec")
+    head = ur.nn.Linear(4, 6, name="head")
+    emb = ur.nn.Embedding(6, 3, name="emb")
+    out = ur.nn.teacher_forcing(enc, dec, head, src, tgt)
+    loss = ur.mean(out ** 2)
+    params = [*enc.parameters(), *dec.parameters(), *head.parameters()]
+    _, state = enc(src)
+    logits, ids = ur.nn.greedy_decode(dec, head, emb, state, ur.input("start", (2,), "int32"), 4)
+    g = ur.graph([loss, *grad(loss, params), logits, ids])
+    feeds = {**feeds_for(ur.graph([src, tgt])), "start": np.array([1, 4], np.int32),
+             **enc.state_dict(), **dec.state_dict(), **head.state_dict(), **emb.state_dict()}
+    assert_same(g, feeds)
+
+
+def test_hand_written_scan_with_reverse_nested_and_no_sequences():
+    w = ur.param("w", (3, 3))
+    x = ur.input("x", (4, 2, 3))
+    h0 = ur.input("h0", (2, 3))
+
+    def inner(c, xt):
+        return ur.tanh(c @ w + xt), c * 2.0
+
+    def outer(h, xt):
+        c, ys = ur.scan(inner, h, ur.stack([xt, xt * 0.5]))
+        return c, ur.sum(ys, axis=0)
+    hT, ys = ur.scan(outer, h0, x, reverse=True)
+    (a, bb), _ = ur.scan(lambda c, _: ((c[1], c[0] + 1.0), None), (h0, h0 * 2.0), length=3)  # swapped carries
+    g = ur.graph([hT, ys, a, bb])
+    assert_same(g, feeds_for(g), optimize=False)
+    assert_same(g, feeds_for(g), optimize=True)
+
+
+# ---- hypothesis: random graphs and random DSL cells ----------------------------------------------
+
+@settings(max_examples=6)
+@given(data=st.data())
+def test_random_graphs_equal_reference(data):
+    g = data.draw(graphs(max_loops=2))
+    assert_same(g, random_feeds(g, data.draw(st.integers(0, 9))), optimize=data.draw(st.booleans()))
+
+
+@settings(max_examples=4)
+@given(cell=rnn_cells())
+def test_random_cells_and_their_gradients(cell):
+    g, feeds = cell
+    loss = ur.sum(g.outputs[0] * g.outputs[0])
+    floats = [n for n in g.inputs if n.dtype == "float32"]
+    g2 = ur.graph([loss, *grad(loss, floats)])
+    assert_same(g2, feeds, rtol=1e-3)
+
+
+# ---- source, shapes, caching ---------------------------------------------------------------------
+
+def test_source_is_inspectable_and_shape_free():
+    g1, _ = _cell_graph("lstm", 7, 3, 4, 6)
+    g2, _ = _cell_graph("lstm", 13, 5, 4, 6)
+    c1 = ur.compile(g1, backend="numba")
+    c2 = ur.compile(g2, backend="numba")
+    assert "def kernel(" in c1.source and "for t0 in range(" in c1.source
+    assert c1.source == c2.source          # T and B are run-time values: same module
+    assert c1.impl.path == c2.impl.path
+
+
+def test_no_recompilation_for_new_sequence_length_or_batch():
+    # sizes chosen without coincidences (equal sizes share one name in the source, so T == I would
+    # give another valid source and one more compile)
+    g1, f1 = _cell_graph("gru", 11, 2, 3, 7)
+    numba_cpu.compile_graph(g1)([f1[n] for n in g1.input_names])
+    compiles = numba_cpu.STATS["numba_compiles"] + numba_cpu.STATS["cache_loads"]
+    for T, B in [(13, 2), (11, 4), (17, 5)]:
+        g, feeds = _cell_graph("gru", T, B, 3, 7)
+        args = [feeds[n] for n in g.input_names]
+        got = numba_cpu.compile_graph(g)(args)
+        expected = numpy_ref.compile_graph(g)(args)
+        for e, o in zip(expected, got):
+            np.testing.assert_allclose(o, e, rtol=2e-4, atol=2e-5)
+    assert numba_cpu.STATS["numba_compiles"] + numba_cpu.STATS["cache_loads"] == compiles
+
+
+_CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np
+    import unroll as ur
+    from unroll.backends import numba_cpu
+    from unroll.ir.autodiff import grad
+    x = ur.input("x", (6, 2, 3)); y = ur.input("y", (6, 2, 4))
+    lstm = ur.nn.LSTM(3, 4)
+    out, _ = lstm(x)
+    loss = ur.mean((out - y) ** 2)
+    step = ur.compile([loss, *grad(loss, list(lstm.parameters()))], backend="numba")
+    vals = step(x=np.ones((6, 2, 3), np.float32), y=np.zeros((6, 2, 4), np.float32), **lstm.state_dict())
+    print(json.dumps({"from_cache": step.impl.from_cache, "stats": dict(numba_cpu.STATS),
+                      "loss": float(vals[0]), "path": step.impl.path}))
+""")
+
+
+def test_cache_reused_across_processes(tmp_path):
+    env = {**os.environ, "UNROLL_CACHE_DIR": str(tmp_path / "gen"), "NUMBA_CACHE_DIR": str(tmp_path / "nb"),
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    import json
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert not first["from_cache"] and first["stats"].get("numba_compiles") == 1
+    assert second["from_cache"] and second["stats"].get("cache_loads") == 1
+    assert second["stats"].get("numba_compiles", 0) == 0 and second["stats"].get("modules_written", 0) == 0
+    assert first["path"] == second["path"] and first["loss"] == pytest.approx(second["loss"])
+
+
+def test_import_unroll_does_not_import_numba():
+    code = "import sys, unroll; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+def test_numba_failure_names_the_op_and_source_line(monkeypatch):
+    from unroll.backends import numba_codegen
+    real = numba_codegen.scalar_statements
+
+    def broken(op, dtype, in_dtype, operands, name):
+        lines = real(op, dtype, in_dtype, operands, name)
+        return lines + [f"{name} = undefined_helper({name})"] if op is Op.LOG1P else lines
+    monkeypatch.setattr(numba_codegen, "scalar_statements", broken)
+    x = ur.input("x", (3,))
+    g = ur.graph([ur.log1p(ur.abs(x)) * 2.0])
+    with pytest.raises(numba_cpu.NumbaBackendError) as info:
+        numba_cpu.compile_graph(g, optimize=False)
+    message = str(info.value)
+    assert "log1p" in message and "test_numba_backend.py" in message and ".py:" in message
+    assert "Traceback" not in message
+
+
+def test_unknown_option_is_rejected():
+    x = ur.input("x", (2,))
+    with pytest.raises(TypeError, match="unknown options"):
+        ur.compile(x * 2.0, backend="numba", fastest=True)
+
+
+def test_feeds_of_other_layouts_and_dtypes_are_converted():
+    x = ur.input("x", (3, 4))
+    step = ur.compile(ur.sum(x * 2.0, axis=0), backend="numba")
+    data = np.arange(24, dtype=np.float64).reshape(4, 6)[:3, ::-1][:, :4]  # strided, reversed, float64
+    np.testing.assert_allclose(step(x=data), (data * 2).sum(0), rtol=1e-6)
+    ro = np.ones((3, 4), np.float32)
+    ro.setflags(write=False)
+    np.testing.assert_allclose(step(x=ro), np.full(4, 6.0))
+
+
+def test_kernel_b_is_independent_of_shapes_but_one_is_literal():
+    # B = 1 is literal (size-1 axes broadcast), so it is its own module; other sizes share one
+    g1, _ = _cell_graph("rnn", 4, 1, 3, 5)
+    g2, _ = _cell_graph("rnn", 4, 2, 3, 5)
+    assert numba_cpu.compile_graph(g1).source != numba_cpu.compile_graph(g2).source
+
+
+def test_dims_helper_keeps_simple_constants_literal():
+    from unroll.backends.numba_codegen import Dims
+    d = Dims()
+    assert d.f(0.5, "float32") == "np.float32(0.5)"
+    assert d.f(1 / 6400, "float32") == "k0"
+    assert d.n(1) == "1" and d.n(50) == "n0" and d.n(50) == "n0"
+

@@ -1,0 +1,359 @@
+"""Kernel sources for the CUDA backend's top-level ops: fused elementwise groups, reductions and the
+tiled shared-memory matmul. Pure source generation (no numba import): a `KernelSpec` holds the
+module source, the kernel's parameters (all 1-D contiguous arrays) and its launch shape.
+
+Every kernel reads its materialized inputs through `Emitter` loads, so transposes, reshapes, slices
+and elementwise producers are fused into the reading kernel instead of being copied first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..ir.node import Node
+from ..ir.ops import LEAVES, MOVEMENT, Op
+from .cuda_codegen import (
+    MODULE_HEADER,
+    NUMBA_TYPES,
+    Emitter,
+    flat_offset,
+    literal,
+    numpy_source_map,
+    reduced_axes,
+    unravel,
+)
+
+ArgRef = tuple[str, Hashable]  # ("node", Node) | ("scratch", key) | ("table", key) | ...
+
+
+@dataclass
+class KernelSpec:
+    """One generated kernel: source, parameters (name, dtype, what is bound to it), launch shape."""
+
+    name: str
+    body: str                       # the kernel's `def` (module source = header + body)
+    params: list[tuple[str, str, ArgRef]]
+    grid: tuple[int, ...]
+    block: int
+    shared_bytes: int = 0           # dynamic shared memory
+    scratch: dict[Hashable, tuple[int, str]] = field(default_factory=dict)  # key -> (size, dtype)
+    zeroed: frozenset = frozenset()  # scratch keys that must start (and stay, between launches) zero
+    constants: dict[Hashable, np.ndarray] = field(default_factory=dict)  # uploaded once (tables)
+    note: str = ""
+
+    @property
+    def source(self) -> str:
+        return MODULE_HEADER + "\n\n" + self.body
+
+    @property
+    def signature(self) -> str:
+        return "void(" + ", ".join(f"{NUMBA_TYPES[dt]}[::1]" for _, dt, _ in self.params) + ")"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256((self.source + self.signature).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch and tile sizes. The simulator runs one Python thread per CUDA thread: keep it small."""
+
+    threads: int = 256
+    max_blocks: int = 1024          # grid-stride loops cover the rest
+    mm_tile: tuple[int, int, int, int, int] = (64, 64, 16, 4, 4)  # BM, BN, BK, TM, TN
+    reduce_blocks: int = 264        # target blocks for big reductions (2 per H100 SM)
+
+    @staticmethod
+    def simulator() -> Tuning:
+        return Tuning(threads=32, max_blocks=2, mm_tile=(8, 8, 4, 2, 2), reduce_blocks=2)
+
+
+class _Inputs:
+    """Collects the materialized nodes a kernel reads and names their parameters."""
+
+    def __init__(self, computed: Sequence[Node], is_materialized: Callable[[Node], bool]) -> None:
+        self.computed = set(computed)
+        self.is_materialized = is_materialized
+        self.names: dict[Node, str] = {}
+
+    def access(self, node: Node):
+        if node.op is Op.CONST or (node in self.computed and node.op not in LEAVES):
+            return None  # constants are literals; computed nodes are inlined
+        if not (self.is_materialized(node) or node.op in LEAVES and node.op is not Op.CONST):
+            return None
+        name = self.names.setdefault(node, f"a{len(self.names)}")
+        return lambda ix: f"{name}[{flat_offset(ix, node.shape)}]"
+
+    def params(self) -> list[tuple[str, str, ArgRef]]:
+        return [(name, node.dtype, ("node", node)) for node, name in self.names.items()]
+
+
+def _def(name: str, params: Sequence[str], lines: Sequence[str]) -> str:
+    return f"def {name}({', '.join(params)}):\n" + "\n".join(lines) + "\n"
+
+
+def _index_vars(em: Emitter, flat: str, shape: Sequence[int], stem: str) -> tuple[str, ...]:
+    return tuple(em.bind(e, stem) for e in unravel(flat, shape))
+
+
+# ---- fused elementwise ---------------------------------------------------------------------------
+
+def elementwise_kernel(name: str, outs: Sequence[Node], is_materialized: Callable[[Node], bool],
+                       tuning: Tuning) -> KernelSpec:
+    """Computes each node of `outs` (independent of each other) at every element: one thread per
+    element in a grid-stride loop per distinct size, producers inlined from the shared expression
+    table. Several outputs in one kernel save launches."""
+    inputs = _Inputs(outs, is_materialized)
+    em = Emitter(inputs.access, level=2)
+    sizes = list(dict.fromkeys(o.tensor_type.size for o in outs))
+    lines: list[str] = []
+    for size in sizes:
+        em.lines = []
+        with em.scope():
+            for k, out in enumerate(outs):
+                if out.tensor_type.size != size:
+                    continue
+                idx = _index_vars(em, "e", out.shape, "i")
+                em.line(f"o{k}[e] = {em.value(out, idx)}")
+        lines += [f"    for e in range(cuda.grid(1), {size}, cuda.gridsize(1)):"] + em.lines
+    params = [(f"o{k}", o.dtype, ("node", o)) for k, o in enumerate(outs)] + inputs.params()
+    blocks = max(1, min(math.ceil(max(sizes) / tuning.threads), tuning.max_blocks))
+    return KernelSpec(name, _def(name, [p for p, _, _ in params], lines), params, (blocks,),
+                      tuning.threads, note=f"fused elementwise: {len(outs)} output(s) of "
+                                           f"{'/'.join(map(str, sizes))} elements")
+
+
+# ---- reductions ----------------------------------------------------------------------------------
+
+def _identity(op: Op, dtype: str) -> str:
+    if op is Op.SUM:
+        return literal(0, dtype)
+    if dtype in ("int32", "int64"):
+        return literal(np.iinfo(dtype).min, dtype)
+    return literal(-math.inf, dtype)
+
+
+def _combine(op: Op, a: str, b: str) -> str:
+    return f"{a} + {b}" if op is Op.SUM else f"max({a}, {b})"
+
+
+def reduction_kernel(name: str, node: Node, is_materialized: Callable[[Node], bool],
+                     tuning: Tuning) -> KernelSpec:
+    """SUM / REDUCE_MAX: each block reduces a tile of TO outputs over one chunk of the reduced
+    elements (TR threads per output, a shared-memory tree); with several chunks, the last block to
+    finish an output tile combines the chunks' partials in a fixed order (deterministic)."""
+    src = node.src[0]
+    axes = reduced_axes(node)
+    red_dims = [src.shape[a] for a in axes]
+    n_out, n_red = node.tensor_type.size, math.prod(red_dims)
+    nt = tuning.threads
+    contiguous = src.ndim - 1 in axes or n_out == 1
+    to = 1 if contiguous else min(32, nt)
+    tr = nt // to
+    blocks_o = math.ceil(n_out / to)
+    chunks = max(1, min(math.ceil(n_red / (tr * 16)), max(1, tuning.reduce_blocks // blocks_o)))
+    chunk = math.ceil(n_red / chunks) if n_red else 0
+    dt = node.dtype
+    inputs = _Inputs([node], is_materialized)
+    em = Emitter(inputs.access, level=1)
+    em.line("tid = cuda.threadIdx.x")
+    em.line(f"tx = tid % {to}")
+    em.line(f"ty = tid // {to}")
+    em.line(f"o = cuda.blockIdx.x * {to} + tx")
+    em.line("c = cuda.blockIdx.y")
+    em.line(f"sm = cuda.shared.array({nt}, {NUMBA_TYPES[dt]})")
+    em.line("flag = cuda.shared.array(1, int32)")
+    em.line(f"acc = {_identity(node.op, dt)}")
+    with em.block(f"if o < {n_out}:"):
+        out_idx = _index_vars(em, "o", node.shape, "i")
+        with em.block(f"for r in range(c * {chunk} + ty, min(c * {chunk} + {chunk}, {n_red}), {tr}):"):
+            red_idx = _index_vars(em, "r", red_dims, "j")
+            from .cuda_codegen import reduce_source_index
+            v = em.value(src, reduce_source_index(node, out_idx, red_idx))
+            em.line(f"acc = {_combine(node.op, 'acc', v)}")
+    em.line("sm[tid] = acc")
+    em.line("cuda.syncthreads()")
+    s = tr // 2
+    while s >= 1:
+        with em.block(f"if ty < {s}:"):
+            em.line(f"sm[tid] = {_combine(node.op, 'sm[tid]', f'sm[tid + {s * to}]')}")
+        em.line("cuda.syncthreads()")
+        s //= 2
+    params = [("out", dt, ("node", node))]
+    scratch: dict[Hashable, tuple[int, str]] = {}
+    zeroed: frozenset = frozenset()
+    if chunks == 1:
+        with em.block(f"if ty == 0 and o < {n_out}:"):
+            em.line("out[o] = sm[tx]")
+    else:
+        part_key, count_key = (node, "partials"), (node, "counters")
+        scratch = {part_key: (n_out * chunks, dt), count_key: (blocks_o, "int32")}
+        zeroed = frozenset({count_key})
+        params += [("part", dt, ("scratch", part_key)), ("cnt", "int32", ("scratch", count_key))]
+        with em.block(f"if ty == 0 and o < {n_out}:"):
+            em.line(f"part[o * {chunks} + c] = sm[tx]")
+        em.line("cuda.threadfence()")
+        em.line("cuda.syncthreads()")
+        with em.block("if tid == 0:"):
+            em.line(f"flag[0] = 1 if cuda.atomic.add(cnt, cuda.blockIdx.x, 1) == {chunks - 1} else 0")
+        em.line("cuda.syncthreads()")
+        with em.block("if flag[0] == 1:"):
+            em.line("cuda.threadfence()")
+            with em.block(f"if ty == 0 and o < {n_out}:"):
+                em.line(f"tot = part[o * {chunks}]")
+                with em.block(f"for cc in range(1, {chunks}):"):
+                    em.line(f"tot = {_combine(node.op, 'tot', f'part[o * {chunks} + cc]')}")
+                em.line("out[o] = tot")
+            with em.block("if tid == 0:"):
+                em.line("cnt[cuda.blockIdx.x] = 0")  # ready for the next launch
+    params += inputs.params()
+    return KernelSpec(name, _def(name, [p for p, _, _ in params], em.lines), params, (blocks_o, chunks), nt,
+                      scratch=scratch, zeroed=zeroed,
+                      note=f"{node.op.value}: {n_out} outputs x {n_red} reduced, {to}x{tr} threads, "
+                           f"{chunks} chunk(s)")
+
+
+# ---- tiled matmul --------------------------------------------------------------------------------
+
+def _view_fast_axis(operand: Node, is_materialized: Callable[[Node], bool]) -> str:
+    """'row' when consecutive rows of a 2-D operand view are adjacent in memory (a transposed
+    operand): its tile is then loaded row-fastest so the warp's loads coalesce."""
+    node, flats = operand, None
+    m, k = operand.shape[-2:]
+    if m < 2 or k < 2:
+        return "col"
+    probe = np.array([0, 1, k], np.int64)  # elements (0,0), (0,1), (1,0) of the last two axes
+    flats = probe
+    while not (is_materialized(node) or node.op in LEAVES):
+        if node.op not in MOVEMENT or node.op in (Op.PAD, Op.CONCAT):
+            return "col"
+        ((node, _, flats),) = numpy_source_map(node, flats)
+    d_col, d_row = flats[1] - flats[0], flats[2] - flats[0]
+    return "row" if d_row == 1 and d_col != 1 else "col"
+
+
+def matmul_kernel(name: str, node: Node, is_materialized: Callable[[Node], bool],
+                  tuning: Tuning) -> KernelSpec:
+    """C = A @ B (batch dims broadcast): BM x BN tiles of C per block, BK-deep slabs of A and B
+    staged in shared memory, a TM x TN register tile per thread (rows/cols strided across threads
+    so shared-memory reads are conflict-free). Operands are read through inlined view expressions:
+    A.T or a reshape costs no copy."""
+    a, b = node.src
+    bm, bn, bk, tm, tn = tuning.mm_tile
+    nt = (bm // tm) * (bn // tn)
+    m_dim, k_dim, n_dim = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch_shape = node.shape[:-2]
+    n_batch = math.prod(batch_shape)
+    dt = node.dtype
+    # split-K when there are few output tiles and a long K (weight gradients: K = T * B): each
+    # split sums a K range; the last block to finish a tile adds the splits in order (deterministic)
+    tiles = math.ceil(m_dim / bm) * math.ceil(n_dim / bn) * n_batch
+    splits = max(1, min(tuning.reduce_blocks // max(1, tiles), k_dim // (bk * 8)))
+    k_chunk = math.ceil(math.ceil(k_dim / splits) / bk) * bk
+    splits = math.ceil(k_dim / k_chunk) if k_dim else 1
+    inputs = _Inputs([node], is_materialized)
+    em = Emitter(inputs.access, level=1)
+    ty = NUMBA_TYPES[dt]
+    em.line("tid = cuda.threadIdx.x")
+    # rows padded by one element: a warp storing down a column of a tile hits distinct banks
+    pa, pb = bm + 1, bn + 1
+    em.line(f"As = cuda.shared.array({bk * pa}, {ty})")
+    em.line(f"Bs = cuda.shared.array({bk * pb}, {ty})")
+    em.line(f"tr = tid // {bn // tn}")
+    em.line(f"tc = tid % {bn // tn}")
+    em.line(f"bz = cuda.blockIdx.z // {splits}")
+    em.line(f"split = cuda.blockIdx.z % {splits}")
+    bidx = _index_vars(em, "bz", batch_shape, "b")
+    em.line(f"m0 = cuda.blockIdx.y * {bm}")
+    em.line(f"n0 = cuda.blockIdx.x * {bn}")
+    zero = literal(0, dt)
+    accs = [[f"c{i}_{j}" for j in range(tn)] for i in range(tm)]
+    for row in accs:
+        for c in row:
+            em.line(f"{c} = {zero}")
+    from .cuda_codegen import matmul_operand_index
+
+    def load_tile(operand: Node, rows: int, cols: int, r0: str, c0: str, rlim: int, clim: int,
+                  smem: str, smem_index: str) -> None:
+        fast = _view_fast_axis(operand, is_materialized)
+        with em.block(f"for l in range(tid, {rows * cols}, {nt}):"):
+            if fast == "row":
+                em.line(f"rr = l % {rows}")
+                em.line(f"cc = l // {rows}")
+            else:
+                em.line(f"rr = l // {cols}")
+                em.line(f"cc = l % {cols}")
+            em.line(f"gr = {r0} + rr")
+            em.line(f"gc = {c0} + cc")
+            em.line(f"val = {zero}")
+            with em.block(f"if gr < {rlim} and gc < {clim}:"):
+                full = matmul_operand_index(operand, node, bidx + ("0", "0"), "gr", "gc")
+                em.line(f"val = {em.value(operand, full)}")
+            em.line(f"{smem}[{smem_index}] = val")
+
+    with em.block(f"for k0 in range(split * {k_chunk}, min(split * {k_chunk} + {k_chunk}, {k_dim}), {bk}):"):
+        # A tile: rows m (BM), cols k (BK), stored [kk][mm]; B tile: rows k (BK), cols n, [kk][nn]
+        load_tile(a, bm, bk, "m0", "k0", m_dim, k_dim, "As", f"cc * {pa} + rr")
+        load_tile(b, bk, bn, "k0", "n0", k_dim, n_dim, "Bs", f"rr * {pb} + cc")
+        em.line("cuda.syncthreads()")
+        with em.block(f"for kk in range({bk}):"):
+            for i in range(tm):
+                em.line(f"av{i} = As[kk * {pa} + tr + {i * (bm // tm)}]")
+            for j in range(tn):
+                em.line(f"bv{j} = Bs[kk * {pb} + tc + {j * (bn // tn)}]")
+            for i in range(tm):
+                for j in range(tn):
+                    em.line(f"{accs[i][j]} += av{i} * bv{j}")
+        em.line("cuda.syncthreads()")
+    mn = m_dim * n_dim
+
+    def store(target: str, offset: str) -> None:
+        for i in range(tm):
+            em.line(f"gm = m0 + tr + {i * (bm // tm)}")
+            with em.block(f"if gm < {m_dim}:"):
+                for j in range(tn):
+                    em.line(f"gn = n0 + tc + {j * (bn // tn)}")
+                    with em.block(f"if gn < {n_dim}:"):
+                        em.line(f"{target}[{offset} + gm * {n_dim} + gn] = {accs[i][j]}")
+
+    params = [("out", dt, ("node", node))]
+    scratch: dict[Hashable, tuple[int, str]] = {}
+    if splits == 1:
+        store("out", f"bz * {mn}")
+    else:
+        part_key, count_key = (node, "splitk"), (node, "splitk_counters")
+        scratch = {part_key: (splits * n_batch * mn, dt), count_key: (tiles, "int32")}
+        params += [("part", dt, ("scratch", part_key)), ("cnt", "int32", ("scratch", count_key))]
+        store("part", f"(bz * {splits} + split) * {mn}")
+        em.line("flag = cuda.shared.array(1, int32)")
+        em.line("cuda.threadfence()")
+        em.line("cuda.syncthreads()")
+        em.line("tile = (bz * cuda.gridDim.y + cuda.blockIdx.y) * cuda.gridDim.x + cuda.blockIdx.x")
+        with em.block("if tid == 0:"):
+            em.line(f"flag[0] = 1 if cuda.atomic.add(cnt, tile, 1) == {splits - 1} else 0")
+        em.line("cuda.syncthreads()")
+        with em.block("if flag[0] == 1:"):
+            em.line("cuda.threadfence()")
+            for i in range(tm):
+                em.line(f"gm = m0 + tr + {i * (bm // tm)}")
+                with em.block(f"if gm < {m_dim}:"):
+                    for j in range(tn):
+                        em.line(f"gn = n0 + tc + {j * (bn // tn)}")
+                        with em.block(f"if gn < {n_dim}:"):
+                            em.line(f"tot = part[bz * {splits * mn} + gm * {n_dim} + gn]")
+                            with em.block(f"for sp in range(1, {splits}):"):
+                                em.line(f"tot += part[(bz * {splits} + sp) * {mn} + gm * {n_dim} + gn]")
+                            em.line(f"out[bz * {mn} + gm * {n_dim} + gn] = tot")
+            with em.block("if tid == 0:"):
+                em.line("cnt[tile] = 0")  # ready for the next launch
+    params += inputs.params()
+    grid = (math.ceil(n_dim / bn), math.ceil(m_dim / bm), n_batch * splits)
+    return KernelSpec(name, _def(name, [p for p, _, _ in params], em.lines), params, grid, nt,
+                      scratch=scratch, zeroed=frozenset(k for k in scratch if k[1] == "splitk_counters"),
+                      note=f"matmul {m_dim}x{k_dim} @ {k_dim}x{n_dim} x{n_batch}: {bm}x{bn}x{bk} tiles, "
+                           f"{tm}x{tn} per thread, {splits} K split(s)")

@@ -1,0 +1,51 @@
+"""The BLAS entry point generated code calls: `xxgemm`, an intrinsic over Numba's `numba_xxgemm`.
+
+Generated code must not call other `@njit` functions: Numba links a callee's whole LLVM module into
+every caller and re-optimises it (measured: +4 s of compile per call site signature). An intrinsic is
+lowered inline into the caller instead, and `numba_xxgemm` is resolved by symbol name, so the
+caller stays cacheable. It is the function `np.dot` uses inside Numba (scipy's OpenBLAS), exposed
+with transposes, leading dimensions and beta, so transposed weights, per-step slices `ys[t]` and
+accumulation (`beta=1`) need no copies. Arguments are column-major BLAS gemm's; pointers are ints
+(`arr.ctypes.data`), alpha/beta are scalars of the matrices' dtype ('s': float32, 'd': float64).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# products with fewer multiply-adds than this run as generated loops (measured on this machine: a
+# BLAS call costs a few us; vectorised loops win below ~64K multiply-adds), larger ones call BLAS
+LOOP_MAX_MACS = 64 * 1024
+
+_ll_char = ir.IntType(8)
+_ll_voidp = cgutils.voidptr_t
+
+
+@intrinsic
+def xxgemm(typingctx, kind, transa, transb, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc):
+    """Column-major BLAS gemm via Numba's helper `numba_xxgemm` (resolved by name, so cacheable)."""
+    sig = types.int32(kind, transa, transb, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc)
+
+    def codegen(context, builder, signature, args):
+        (kind_v, ta, tb, m_v, n_v, k_v, alpha_v, a_v, lda_v, b_v, ldb_v, beta_v, c_v, ldc_v) = args
+        intp_t = context.get_value_type(types.intp)
+        fnty = ir.FunctionType(ir.IntType(32), [_ll_char, _ll_char, _ll_char, intp_t, intp_t, intp_t,
+                                                _ll_voidp, _ll_voidp, intp_t, _ll_voidp, intp_t,
+                                                _ll_voidp, _ll_voidp, intp_t])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        alpha_slot = cgutils.alloca_once_value(builder, alpha_v)
+        beta_slot = cgutils.alloca_once_value(builder, beta_v)
+
+        def as_char(v):
+            return builder.trunc(v, _ll_char)
+
+        def as_ptr(v):
+            return builder.inttoptr(v, _ll_voidp)
+
+        return builder.call(fn, (as_char(kind_v), as_char(ta), as_char(tb), m_v, n_v, k_v,
+                                 builder.bitcast(alpha_slot, _ll_voidp), as_ptr(a_v), lda_v, as_ptr(b_v),
+                                 ldb_v, builder.bitcast(beta_slot, _ll_voidp), as_ptr(c_v), ldc_v))
+    return sig, codegen
