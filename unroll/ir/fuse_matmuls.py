@@ -25,7 +25,7 @@ from typing import Callable
 from . import build as b
 from .node import Graph, LoopInfo, Node, rewrite, toposort
 from .ops import Op
-from .patterns import graph_like, is_swap_transpose, make, rebuild, users
+from .patterns import tree_leaves, graph_like, is_swap_transpose, make, rebuild, users
 
 Classify = Callable[[Node], int]  # 0: invariant ("weight"), 1: varies without carried state, 2: with
 
@@ -137,14 +137,7 @@ def _summed(roots: list[Node], classify: Classify) -> list[Node]:
     for node in toposort(roots):
         if node.op is not Op.ADD or any(internal(node, u) for u in use[node]):
             continue
-        leaves: list[Node] = []
-        stack = [(s, node) for s in reversed(node.src)]
-        while stack:  # left to right
-            n, parent = stack.pop()
-            if internal(n, parent):
-                stack.extend((s, n) for s in reversed(n.src))
-            else:
-                leaves.append(n)
+        leaves = tree_leaves(node, internal)
         groups: dict[int, list[Node]] = {}
         others: list[Node] = []
         for leaf in leaves:

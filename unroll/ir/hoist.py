@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 from . import build as b
 from .node import Graph, LoopInfo, Node, proj, substitute, toposort
 from .ops import (BINARY, COMPARE, ELEMENTWISE, LEAVES, UNARY, Op, TensorType)
-from .patterns import OpenLoop, depends_on, graph_like, is_swap_transpose, make, map_loops, rebuild, users
+from .patterns import tree_leaves, OpenLoop, depends_on, graph_like, is_swap_transpose, make, map_loops, rebuild, users
 
 # ops worth moving out of a loop body (a batched elementwise chain alone is left to fuse)
 EXPENSIVE = frozenset({Op.MATMUL, Op.SUM, Op.REDUCE_MAX})
@@ -245,14 +245,7 @@ class _Hoister:
         for node in toposort(ol.body_outputs):
             if node.op is not Op.ADD or any(internal(node, u) for u in use[node] if u.op is Op.ADD):
                 continue
-            leaves: list[Node] = []
-            stack = [(s, node) for s in reversed(node.src)]
-            while stack:  # left to right
-                n, parent = stack.pop()
-                if internal(n, parent):
-                    stack.extend((s, n) for s in reversed(n.src))
-                else:
-                    leaves.append(n)
+            leaves = tree_leaves(node, internal)
             kinds = [flag[leaf] for leaf in leaves]
             if any(k & CARRY for k in kinds) and SEQ in kinds and INVARIANT in kinds:
                 plans[node] = ([leaf for leaf, k in zip(leaves, kinds) if not k & CARRY]

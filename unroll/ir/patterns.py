@@ -56,6 +56,20 @@ def users(roots: Sequence[Node]) -> dict[Node, list[Node]]:
     return out
 
 
+def tree_leaves(root: Node, internal: Callable[[Node, Node], bool]) -> list[Node]:
+    """The leaves of an operator tree under `root`, left to right: a source `n` of `parent` is
+    walked through when `internal(n, parent)` (e.g. an add whose only user is the parent add)."""
+    leaves: list[Node] = []
+    stack = [(s, root) for s in reversed(root.src)]
+    while stack:
+        n, parent = stack.pop()
+        if internal(n, parent):
+            stack.extend((s, n) for s in reversed(n.src))
+        else:
+            leaves.append(n)
+    return leaves
+
+
 def depends_on(roots: Sequence[Node], leaves: Sequence[Node]) -> set[Node]:
     """The nodes below roots whose value depends on any of `leaves` (the leaves included)."""
     found = set(leaves)
