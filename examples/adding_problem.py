@@ -37,14 +37,6 @@ from unroll.data import ADDING_BASELINE_MSE, adding_problem
 TCN_KERNEL = 7  # as in the TCN paper's adding-problem runs: few levels, many paths to every step
 
 
-def tcn_levels(T: int, kernel_size: int) -> int:
-    """The fewest levels whose receptive field 1 + 2 (k-1) (2^L - 1) covers T steps (two convs per
-    level, dilation 2^i at level i)."""
-    levels = 1
-    while 1 + 2 * (kernel_size - 1) * (2 ** levels - 1) < T:
-        levels += 1
-    return levels
-
 
 class Regressor(ur.nn.Module):
     """A sequence body (TCN, LSTM or GRU) and a Linear head on its last time step."""
@@ -53,7 +45,7 @@ class Regressor(ur.nn.Module):
         super().__init__(name=kind.lower(), seed=seed)
         self.kind = kind
         if kind == "TCN":
-            levels = tcn_levels(T, TCN_KERNEL)
+            levels = ur.nn.tcn_levels(T, TCN_KERNEL)
             self.body = ur.nn.TCN(2, [hidden] * levels, kernel_size=TCN_KERNEL, seed=self.child_seed())
         else:
             self.body = getattr(ur.nn, kind)(2, hidden, seed=self.child_seed())

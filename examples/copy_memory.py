@@ -39,13 +39,6 @@ from unroll.data import COPY_MEMORY_LENGTH, copy_memory, copy_memory_baseline
 SYMBOLS = 10
 
 
-def tcn_levels(length: int, kernel_size: int) -> int:
-    """The fewest levels whose receptive field 1 + 2 (k-1) (2^L - 1) covers `length` steps."""
-    levels = 1
-    while 1 + 2 * (kernel_size - 1) * (2 ** levels - 1) < length:
-        levels += 1
-    return levels
-
 
 class Tagger(ur.nn.Module):
     """One-hot symbols -> a sequence body (TCN, LSTM or GRU) -> 10 logits per step."""
@@ -54,7 +47,7 @@ class Tagger(ur.nn.Module):
         super().__init__(name=kind.lower(), seed=seed)
         self.kind = kind
         if kind == "TCN":
-            self.body = ur.nn.TCN(SYMBOLS, [hidden] * tcn_levels(length, 3), kernel_size=3,
+            self.body = ur.nn.TCN(SYMBOLS, [hidden] * ur.nn.tcn_levels(length, 3), kernel_size=3,
                                   seed=self.child_seed())
         else:
             self.body = getattr(ur.nn, kind)(SYMBOLS, hidden, seed=self.child_seed())

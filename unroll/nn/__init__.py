@@ -10,7 +10,7 @@ Build your own models by subclassing Module and assigning submodules as attribut
 parameters get dotted names (`rnn.weight_ih_l0`, `head.weight`) as in torch.
 """
 
-from .conv import TCN, Conv1d, TemporalBlock
+from .conv import TCN, Conv1d, TemporalBlock, tcn_levels
 from .layers import Embedding, Linear
 from .losses import bce_with_logits, cross_entropy, mse
 from .module import Module, Sequential, StateDictError
@@ -18,6 +18,7 @@ from .rnn import GRU, LSTM, RNN, CellWeights, RNNBase, gru_cell, lstm_cell, rnn_
 from .structures import greedy_decode, many_to_many, many_to_one, one_to_many, state_from, teacher_forcing
 
 __all__ = [
+    "tcn_levels",
     "GRU", "LSTM", "RNN", "TCN", "CellWeights", "Conv1d", "Embedding", "Linear", "Module", "RNNBase",
     "Sequential", "StateDictError", "TemporalBlock", "bce_with_logits", "cross_entropy", "greedy_decode",
     "gru_cell", "lstm_cell", "many_to_many", "many_to_one", "mse", "one_to_many", "rnn_cell",

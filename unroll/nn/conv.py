@@ -111,3 +111,12 @@ class TCN(Module):
     def forward(self, x: Node) -> Node:
         self.check_input(x, (None, None, self.input_size), "input x (T, B, channels)")
         return self.network(x)
+
+
+def tcn_levels(length: int, kernel_size: int) -> int:
+    """The fewest TCN levels whose receptive field 1 + 2 (k-1) (2^L - 1) covers `length` steps (two
+    convs per level, dilation 2^i at level i)."""
+    levels = 1
+    while 1 + 2 * (kernel_size - 1) * (2 ** levels - 1) < length:
+        levels += 1
+    return levels
