@@ -90,6 +90,24 @@ def test_matmul_layouts(ta, tb, m, k, n):
     assert_same(g, feeds_for(g), optimize=False)
 
 
+def test_blas_operands_stay_alive_during_the_call(tmp_path):
+    """BLAS operands are passed as arrays, so Numba keeps them alive until BLAS has read them. When
+    they were passed as `.ctypes.data` ints, this LSTM step (per-step and stacked activations of many
+    MB) read unmapped memory and crashed the process; run in a subprocess so a crash is a failure."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from unroll.bench import unroll_step
+        step, _ = unroll_step("lstm", 100, 64, 8, 512, backend="numba")
+        loss = [float(np.asarray(step()[0])) for _ in range(2)]
+        assert np.isfinite(loss).all() and loss[0] == loss[1], loss
+        print("ok")
+    """)
+    env = {**os.environ, "UNROLL_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
 def test_batched_matmul_and_scalars():
     a = ur.input("a", (2, 3, 4))
     c = ur.input("c", (4, 5))

@@ -607,8 +607,8 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
     beta = f"np.{dtype}({1.0 if accumulate else 0.0})"
     # row-major out = A @ B is column-major out^T = B^T A^T
     blas = (f"xxgemm({kind}, {ord('t' if tb else 'n')}, {ord('t' if ta else 'n')}, {n}, {m}, {k}, "
-            f"np.{dtype}(1.0), {B}.ctypes.data, max({B}.shape[1], 1), {A}.ctypes.data, "
-            f"max({A}.shape[1], 1), {beta}, {O}.ctypes.data, max({n}, 1))")
+            f"np.{dtype}(1.0), {B}, max({B}.shape[1], 1), {A}, "
+            f"max({A}.shape[1], 1), {beta}, {O}, max({n}, 1))")
     if scope.alloc is None:
         # outside loops a product runs once per call: BLAS's call cost does not matter and one code
         # path compiles faster (every loop nest costs Numba/LLVM compile time)

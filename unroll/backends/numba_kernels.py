@@ -5,8 +5,14 @@ every caller and re-optimises it (measured: +4 s of compile per call site signat
 lowered inline into the caller instead, and `numba_xxgemm` is resolved by symbol name, so the
 caller stays cacheable. It is the function `np.dot` uses inside Numba (scipy's OpenBLAS), exposed
 with transposes, leading dimensions and beta, so transposed weights, per-step slices `ys[t]` and
-accumulation (`beta=1`) need no copies. Arguments are column-major BLAS gemm's; pointers are ints
-(`arr.ctypes.data`), alpha/beta are scalars of the matrices' dtype ('s': float32, 'd': float64).
+accumulation (`beta=1`) need no copies. Arguments are column-major BLAS gemm's; alpha/beta are
+scalars of the matrices' dtype ('s': float32, 'd': float64).
+
+The matrices are passed as arrays, not as `arr.ctypes.data` integers: Numba frees an array after
+its last use, and a pointer taken as an int is not a use, so a temporary whose last use was
+`.ctypes.data` was freed before BLAS read it (large arrays are unmapped: a segfault in the large
+benchmark configuration; small ones were read from freed heap). As arguments, the arrays live until
+the call returns.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ _ll_voidp = cgutils.voidptr_t
 
 
 @intrinsic
-def xxgemm(typingctx, kind, transa, transb, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc):
+def xxgemm(typingctx, kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """Column-major BLAS gemm via Numba's helper `numba_xxgemm` (resolved by name, so cacheable)."""
-    sig = types.int32(kind, transa, transb, m, n, k, alpha, a_ptr, lda, b_ptr, ldb, beta, c_ptr, ldc)
+    for arr in (a, b, c):
+        if not isinstance(arr, types.Array):
+            return None
+    sig = types.int32(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
     def codegen(context, builder, signature, args):
         (kind_v, ta, tb, m_v, n_v, k_v, alpha_v, a_v, lda_v, b_v, ldb_v, beta_v, c_v, ldc_v) = args
@@ -42,10 +51,12 @@ def xxgemm(typingctx, kind, transa, transb, m, n, k, alpha, a_ptr, lda, b_ptr, l
         def as_char(v):
             return builder.trunc(v, _ll_char)
 
-        def as_ptr(v):
-            return builder.inttoptr(v, _ll_voidp)
+        def data(value, ty):
+            return builder.bitcast(context.make_array(ty)(context, builder, value=value).data, _ll_voidp)
 
+        arg_types = signature.args
         return builder.call(fn, (as_char(kind_v), as_char(ta), as_char(tb), m_v, n_v, k_v,
-                                 builder.bitcast(alpha_slot, _ll_voidp), as_ptr(a_v), lda_v, as_ptr(b_v),
-                                 ldb_v, builder.bitcast(beta_slot, _ll_voidp), as_ptr(c_v), ldc_v))
+                                 builder.bitcast(alpha_slot, _ll_voidp), data(a_v, arg_types[7]), lda_v,
+                                 data(b_v, arg_types[9]), ldb_v, builder.bitcast(beta_slot, _ll_voidp),
+                                 data(c_v, arg_types[12]), ldc_v))
     return sig, codegen
