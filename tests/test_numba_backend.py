@@ -282,6 +282,8 @@ def test_cache_reused_across_processes(tmp_path):
     assert not first["from_cache"] and first["stats"].get("numba_compiles") == 1
     assert second["from_cache"] and second["stats"].get("cache_loads") == 1
     assert second["stats"].get("numba_compiles", 0) == 0 and second["stats"].get("modules_written", 0) == 0
+    # the second process recognised the graph: no passes, no code generation
+    assert second["stats"].get("recorded") == 1 and second["stats"].get("codegen", 0) == 0
     assert first["path"] == second["path"] and first["loss"] == pytest.approx(second["loss"])
 
 

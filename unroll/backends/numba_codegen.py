@@ -366,7 +366,7 @@ class Codegen:
                 val = self.materialize_fresh(scope, val, node)
             returned.append(val.arr)
         top.add(1, f"return ({''.join(r + ', ' for r in returned)})")
-        header = [(0, f"def {self.fn_name}({', '.join(self.arg_names + ['dims', 'fk'])}):", None)]
+        header = [(0, f"def {self.fn_name}({', '.join(self.arg_names + ['dims', 'fk', 'blas'])}):", None)]
         for value, name in self.dims.ints.items():
             header.append((1, f"{name} = dims[{int(name[1:])}]", None))
         for (dtype, _), name in self.dims.floats.items():
@@ -922,6 +922,10 @@ def emit_loop(cg: Codegen, scope: Scope, node: Node) -> None:
         env[arg] = _step_view(src_vals[n_c + n_h + j], t)
     header = (f"for {t} in range({cg.dims.n(info.length)} - 1, -1, -1):" if info.reverse
               else f"for {t} in range({cg.dims.n(info.length)}):")
+    # BLAS threads for the per-step products (see numba_cpu.BlasThreads for the policy)
+    switch_threads = outer and any(n.op is Op.MATMUL for n in body.nodes())
+    if switch_threads:
+        scope.block.add(scope.indent, "blas_threads(blas[0], blas[2])", node)
     scope.block.add(scope.indent, header, node)
     step = Scope(body, env, scope.block, scope.indent + 1, alloc_block, alloc_indent)
     carry_outs = list(body.outputs[:n_h])
@@ -977,6 +981,8 @@ def emit_loop(cg: Codegen, scope: Scope, node: Node) -> None:
         cg.copy(step, v, c, node)
     for c, b in swaps:
         scope.block.add(indent, f"{c}, {b} = {b}, {c}", node)
+    if switch_threads:
+        scope.block.add(scope.indent, "blas_threads(blas[0], blas[1])", node)
     cg.loop_depth -= 1
     results = carries + ys
     for user in scope.users.get(node, []):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -50,21 +51,56 @@ STATS: Counter = Counter()  # codegen, modules_written, modules_loaded, numba_co
 FASTMATH = '{"nsz", "arcp", "contract", "afn", "reassoc"}'
 
 
-def _set_blas_threads() -> int | None:
-    """Give scipy's OpenBLAS (used by generated code) UNROLL_NUMBA_BLAS_THREADS threads."""
-    want = int(os.environ.get("UNROLL_NUMBA_BLAS_THREADS", "1"))
+def _env_threads(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return max(1, int(value)) if value else default
+
+
+def _blas_control() -> tuple[int, int, int]:
+    """(address of scipy OpenBLAS's openblas_set_num_threads or 0, threads outside time loops,
+    threads inside them). Sets the outside count now; numpy's own OpenBLAS is left alone."""
+    cores = os.cpu_count() or 1
+    outside = _env_threads("UNROLL_NUMBA_BLAS_THREADS", cores)
+    inside = _env_threads("UNROLL_NUMBA_BLAS_LOOP_THREADS", 1)
     try:
+        import ctypes
+
         import scipy.linalg.cython_blas  # noqa: F401 - loads the library to control
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return None
+        return 0, outside, inside
     for lib in ThreadpoolController().lib_controllers:
         if lib.internal_api == "openblas" and "numpy" not in os.path.basename(os.path.dirname(lib.filepath)):
-            lib.set_num_threads(want)
-    return want
+            lib.set_num_threads(outside)
+            fn = lib._get_symbol("openblas_set_num_threads")  # threadpoolctl's symbol affix lookup
+            return (ctypes.cast(fn, ctypes.c_void_p).value or 0) if fn is not None else 0, outside, inside
+    return 0, outside, inside
 
 
-BLAS_THREADS = _set_blas_threads()
+def _keep_freed_memory() -> bool:
+    """Ask glibc to serve arrays up to 32 MB from its heap and keep freed memory there.
+
+    A training step allocates its activations afresh on every call (tens to hundreds of MB at the
+    large configurations). By default glibc maps each big block from the OS and unmaps it when
+    freed, so every step page-faults and zero-fills all of its memory again: measured here, the
+    LSTM (100, 64, 256, 512) step took 950-1260 ms that way and 730-815 ms with the memory kept.
+    Process-wide (it helps every library in the process alike, PyTorch included); the process
+    keeps its peak heap instead of returning it. UNROLL_MALLOC_TUNING=0 leaves malloc alone."""
+    if os.environ.get("UNROLL_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2 ** 20)) and bool(libc.mallopt(m_trim_threshold, 2 ** 30))
+    except (OSError, AttributeError):
+        return False
+
+
+MALLOC_TUNED = _keep_freed_memory()
+BLAS_CONTROL = _blas_control()
+BLAS_THREADS = BLAS_CONTROL[1]
+BLAS_LOOP_THREADS = BLAS_CONTROL[2]
 
 
 def _llvm_options() -> None:
@@ -85,7 +121,7 @@ class NumbaBackendError(RuntimeError):
     """Numba could not compile the generated code; names the op, its user line and the source line."""
 
 
-def cache_dir() -> str:
+def default_cache_dir() -> str:
     return os.environ.get("UNROLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "unroll")
 
 
@@ -102,7 +138,7 @@ import math
 import numpy as np
 from numba import njit
 
-from unroll.backends.numba_kernels import xxgemm
+from unroll.backends.numba_kernels import blas_threads, xxgemm
 
 
 @njit(cache=True, nogil=True, fastmath={fastmath})
@@ -122,18 +158,14 @@ def load_module(text: str, directory: str | None = None) -> tuple[object, str]:
     """Write (once) and import the module with this content; returns (module, path)."""
     digest = hashlib.sha256(text.encode()).hexdigest()[:24]
     name = f"unroll_gen_{digest}"
-    directory = directory or cache_dir()
+    directory = directory or default_cache_dir()
     path = os.path.join(directory, f"{name}.py")
     module = _MODULES.get(name) or sys.modules.get(name)
     if module is not None:
         STATS["modules_reused"] += 1
         return module, path
     if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        _write_atomic(path, text)
         STATS["modules_written"] += 1
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
@@ -149,21 +181,23 @@ def _signature(graph: Graph):
     from numba.np.numpy_support import from_dtype
     args = [types.Array(from_dtype(np.dtype("bool" if n.dtype == "bool" else n.dtype)), max(n.ndim, 1), "C")
             for n in graph.inputs]
-    return tuple(args + [types.Array(types.int64, 1, "C"), types.Array(types.float64, 1, "C")])
+    return tuple(args + [types.Array(types.int64, 1, "C"), types.Array(types.float64, 1, "C"),
+                         types.Array(types.int64, 1, "C")])
 
 
 class NumbaKernel:
     """The compiled graph: `kernel(arrays) -> list of arrays`. `.source`, `.path`, `.from_cache`."""
 
-    def __init__(self, graph: Graph, cg: numba_codegen.Codegen, source: str, path: str, dispatcher,
-                 from_cache: bool) -> None:
+    def __init__(self, graph: Graph, dims: Sequence[int], floats: Sequence[float], source: str, path: str,
+                 dispatcher, from_cache: bool) -> None:
         self.graph = graph
         self.source = source
         self.path = path
         self.dispatcher = dispatcher
         self.from_cache = from_cache
-        self.dims = np.array(cg.dim_values, dtype=np.int64)
-        self.fk = np.array(cg.float_values, dtype=np.float64)
+        self.dims = np.array(dims, dtype=np.int64)
+        self.fk = np.array(floats, dtype=np.float64)
+        self.blas = np.array(BLAS_CONTROL, dtype=np.int64)
         self._scalar_out = [o.type.ndim == 0 for o in graph.outputs]  # type: ignore[union-attr]
         self._in_dtypes = [np.dtype("bool" if n.dtype == "bool" else n.dtype) for n in graph.inputs]
 
@@ -180,7 +214,7 @@ class NumbaKernel:
             if a.dtype != dtype or not a.flags.c_contiguous or not a.flags.writeable or not a.flags.aligned:
                 a = np.array(a, dtype=dtype, order="C")   # exactly the compiled signature's types
             args.append(a)
-        outs = self.dispatcher(*args, self.dims, self.fk)
+        outs = self.dispatcher(*args, self.dims, self.fk, self.blas)
         return [o.reshape(()) if scalar else o for o, scalar in zip(outs, self._scalar_out)]
 
     def __repr__(self) -> str:
@@ -204,28 +238,98 @@ def prepare_graph(graph: Graph, optimize: bool = True, passes: dict | None = Non
 def compile_graph(graph: Graph, optimize: bool = True, cache_dir: str | None = None,
                   passes: dict | None = None, **options: object) -> NumbaKernel:
     """Lower `graph` to a cached `@njit` function. `optimize=False` skips ur.optimize; `passes`
-    (a dict of pass switches) is forwarded to ur.optimize when it accepts them."""
+    (a dict of pass switches) is forwarded to ur.optimize when it accepts them.
+
+    A graph seen before (same printed IR, options and compiler version) skips the passes and the
+    code generation: its generated module, dims and floats are recorded in a small JSON file next
+    to the module, so a new process goes straight to Numba's cache."""
     if options:
         raise TypeError(f"numba backend: unknown options {', '.join(sorted(options))}")
+    directory = cache_dir or default_cache_dir()
+    record = _record_path(directory, graph, optimize, passes)
+    kernel = _load_recorded(record, graph)
+    if kernel is not None:
+        return kernel
     lowered = prepare_graph(graph, optimize, passes)
     cg = numba_codegen.generate(lowered)
     STATS["codegen"] += 1
     fn_source: str = cg.source  # type: ignore[attr-defined]
     text, first_line = module_source(fn_source)
-    module, path = load_module(text, cache_dir)
+    module, path = load_module(text, directory)
     dispatcher = module.kernel  # type: ignore[attr-defined]
-    sig = _signature(lowered)
-    from_cache = False
-    if sig not in dispatcher.overloads:
-        hits_before = sum(dispatcher.stats.cache_hits.values())
-        try:
-            dispatcher.compile(sig)
-        except Exception as err:  # numba's errors: re-raised with the op and source location
-            raise _explain(err, cg, path, first_line) from None
-        from_cache = sum(dispatcher.stats.cache_hits.values()) > hits_before
-        STATS["cache_loads" if from_cache else "numba_compiles"] += 1
-    kernel = NumbaKernel(graph, cg, fn_source, path, dispatcher, from_cache)
+    try:
+        from_cache = _compile(dispatcher, _signature(lowered))
+    except Exception as err:  # numba's errors: re-raised with the op and source location
+        raise _explain(err, cg, path, first_line) from None
+    kernel = NumbaKernel(graph, cg.dim_values, cg.float_values, fn_source, path, dispatcher, from_cache)
+    if [n.type for n in lowered.inputs] == [n.type for n in graph.inputs]:
+        _write_atomic(record, json.dumps({"module": os.path.basename(path), "dims": cg.dim_values,
+                                          "floats": cg.float_values}))
     return kernel
+
+
+def _compile(dispatcher, sig) -> bool:
+    """Compile (or load from Numba's cache) the overload for `sig`; True when it came from cache."""
+    if sig in dispatcher.overloads:
+        return False
+    hits_before = sum(dispatcher.stats.cache_hits.values())
+    dispatcher.compile(sig)
+    from_cache = sum(dispatcher.stats.cache_hits.values()) > hits_before
+    STATS["cache_loads" if from_cache else "numba_compiles"] += 1
+    return from_cache
+
+
+_COMPILER_VERSION: list[str] = []
+
+
+def _compiler_version() -> str:
+    """Hash of the sources that decide generated code (passes, IR, this backend), once per process."""
+    if not _COMPILER_VERSION:
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        digest = hashlib.sha256()
+        for folder in ("ir", "backends"):
+            for name in sorted(os.listdir(os.path.join(package, folder))):
+                if name.endswith(".py") and not name.startswith("cuda"):
+                    with open(os.path.join(package, folder, name), "rb") as f:
+                        digest.update(name.encode() + f.read())
+        _COMPILER_VERSION.append(digest.hexdigest()[:16])
+    return _COMPILER_VERSION[0]
+
+
+def _record_path(directory: str, graph: Graph, optimize: bool, passes: dict | None) -> str:
+    from ..ir.text import print_graph
+    key = "\n".join([_compiler_version(), FASTMATH, repr(optimize), repr(sorted((passes or {}).items())),
+                     print_graph(graph)])
+    return os.path.join(directory, f"unroll_graph_{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
+
+
+def _load_recorded(record: str, graph: Graph) -> NumbaKernel | None:
+    """The kernel for a graph compiled before (in any process), or None."""
+    try:
+        with open(record) as f:
+            meta = json.load(f)
+        path = os.path.join(os.path.dirname(record), meta["module"])
+        with open(path) as f:
+            text = f.read()
+    except (OSError, ValueError, KeyError):
+        return None
+    module, path = load_module(text, os.path.dirname(record))
+    dispatcher = module.kernel  # type: ignore[attr-defined]
+    try:
+        from_cache = _compile(dispatcher, _signature(graph))
+    except Exception:  # anything odd: regenerate from the graph, which explains errors properly
+        return None
+    STATS["recorded"] += 1
+    source = text[text.index("def kernel("):]
+    return NumbaKernel(graph, meta["dims"], meta["floats"], source, path, dispatcher, from_cache)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -60,3 +60,21 @@ def xxgemm(typingctx, kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta
                                  data(b_v, arg_types[9]), ldb_v, builder.bitcast(beta_slot, _ll_voidp),
                                  data(c_v, arg_types[12]), ldc_v))
     return sig, codegen
+
+
+@intrinsic
+def blas_threads(typingctx, set_threads_ptr, threads):
+    """Call OpenBLAS's `openblas_set_num_threads(threads)` through the function pointer
+    `set_threads_ptr` (an int; 0 means no control and does nothing). The pointer is a run-time
+    argument, not a constant, so the compiled code stays valid in a cached module loaded by
+    another process where the library sits at another address."""
+    sig = types.void(set_threads_ptr, threads)
+
+    def codegen(context, builder, signature, args):
+        ptr_v, threads_v = args
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(32)])
+        with builder.if_then(builder.icmp_unsigned("!=", ptr_v, ptr_v.type(0)), likely=True):
+            fn = builder.inttoptr(ptr_v, fnty.as_pointer())
+            builder.call(fn, [builder.trunc(threads_v, ir.IntType(32))])
+        return context.get_dummy_value()
+    return sig, codegen
