@@ -335,6 +335,22 @@ def test_kernel_b_is_independent_of_shapes_but_one_is_literal():
     assert numba_cpu.compile_graph(g1).source != numba_cpu.compile_graph(g2).source
 
 
+@pytest.mark.filterwarnings("ignore:.*share it")
+def test_tcn_source_does_not_depend_on_offsets_equal_to_sizes():
+    """Paddings of 2 and 4 (kernel 3, dilations 1, 2) equal B in two graphs and not in the third: the
+    offsets are named per use, so all get one source (no second compile). Sizes avoid coincidences
+    among themselves (T == 3 * 5 would give another, equally valid, source)."""
+    from unroll.backends import numba_codegen
+
+    def source(T: int, B: int) -> str:
+        x = ur.input("x", (T, B, 3))
+        model = ur.nn.TCN(3, [5, 5], kernel_size=3, name="tcn")
+        g = ur.graph([ur.mean(model(x) ** 2)])
+        return numba_codegen.generate(numba_cpu.prepare_graph(g)).source
+
+    assert source(50, 4) == source(61, 6) == source(37, 2)
+
+
 def test_dims_helper_keeps_simple_constants_literal():
     from unroll.backends.numba_codegen import Dims
     d = Dims()

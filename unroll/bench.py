@@ -89,6 +89,8 @@ def header() -> dict[str, Any]:
         info["numba_generated_code"] = "single-threaded (no prange); large matmuls call scipy's OpenBLAS"
         from unroll.backends import numba_cpu
         info["UNROLL_NUMBA_BLAS_THREADS (scipy OpenBLAS used by numba code)"] = numba_cpu.BLAS_THREADS
+        info["UNROLL_NUMBA_BLAS_LOOP_THREADS (the same, inside time loops)"] = numba_cpu.BLAS_LOOP_THREADS
+        info["glibc keeps freed memory (UNROLL_MALLOC_TUNING, process-wide)"] = numba_cpu.MALLOC_TUNED
     except ImportError:
         pass
     try:

@@ -77,19 +77,33 @@ def plain_val(name: str, shape: tuple[int, ...], dtype: str, root: str | None = 
 
 
 class Dims:
-    """Shape-dependent numbers become run-time parameters `n<k>` (ints) and `k<k>` (floats)."""
+    """Shape-dependent numbers become run-time parameters `n<k>` (ints) and `k<k>` (floats).
+
+    Sizes (`n`) share one name per value, so a graph's loops over equal extents read one variable;
+    offsets (`offset`: slice bounds, pads, concat positions) get a name per use. Otherwise an offset
+    that happened to equal a size (a TCN's padding 8 and a batch of 8) changed the source for a new
+    T or B: another module and, for a TCN, another 40 s compile. Equal sizes (T == I) still give
+    another, equally valid, source. 0 and 1 stay literal (size-1 axes, unit steps), so B = 1 is a
+    module of its own."""
 
     def __init__(self) -> None:
-        self.ints: dict[int, str] = {}
+        self.ints: dict[object, str] = {}
+        self.values: list[int] = []
         self.floats: dict[tuple[str, float], str] = {}
 
     def n(self, value: int) -> str:
-        value = int(value)
+        return self._name(int(value), int(value))
+
+    def offset(self, value: int) -> str:
+        return self._name(int(value), ("offset", len(self.ints)))
+
+    def _name(self, value: int, key: object) -> str:
         if value in (0, 1):
             return str(value)
-        if value not in self.ints:
-            self.ints[value] = f"n{len(self.ints)}"
-        return self.ints[value]
+        if key not in self.ints:
+            self.ints[key] = f"n{len(self.ints)}"
+            self.values.append(value)
+        return self.ints[key]
 
     def shape(self, shape: Sequence[int]) -> str:
         return "(" + "".join(f"{self.n(d)}, " for d in shape) + ")" if shape else "(1,)"
@@ -330,7 +344,7 @@ class Codegen:
             for src in node.src:
                 if len(scope.users.get(src, [])) == 1 and src not in outputs and src not in scope.targets \
                         and _is_writer(src) and node.src.count(src) == 1:
-                    scope.targets[src] = _offset_view(out, src.shape, axis, self.dims.n(offset) if offset else None)
+                    scope.targets[src] = _offset_view(out, src.shape, axis, self.dims.offset(offset) if offset else None)
                     no_inline.add(src)
                 offset += src.shape[axis]
 
@@ -367,8 +381,8 @@ class Codegen:
             returned.append(val.arr)
         top.add(1, f"return ({''.join(r + ', ' for r in returned)})")
         header = [(0, f"def {self.fn_name}({', '.join(self.arg_names + ['dims', 'fk', 'blas'])}):", None)]
-        for value, name in self.dims.ints.items():
-            header.append((1, f"{name} = dims[{int(name[1:])}]", None))
+        for k in range(len(self.dims.values)):
+            header.append((1, f"n{k} = dims[{k}]", None))
         for (dtype, _), name in self.dims.floats.items():
             header.append((1, f"{name} = np.{dtype}(fk[{int(name[1:])}])", None))
         body: list[tuple[int, str, Node | None]] = []
@@ -383,7 +397,7 @@ class Codegen:
 
     @property
     def dim_values(self) -> list[int]:
-        return list(self.dims.ints)
+        return list(self.dims.values)
 
     @property
     def float_values(self) -> list[float]:
@@ -736,7 +750,7 @@ def emit_slice(cg: Codegen, scope: Scope, node: Node) -> None:
         scope.env[node] = Val(node.shape, node.dtype, const=val.const)
         return
     triples: tuple[tuple[int, int, int], ...] = node.arg  # type: ignore[assignment]
-    n = cg.dims.n
+    n = cg.dims.offset
     parts = []
     for (start, _, step), name in zip(triples, range(len(triples))):
         parts.append((n(start) if start else None, n(step) if step != 1 else None))
@@ -762,8 +776,8 @@ def _slice_text(cg: Codegen, triple: tuple[int, int, int], dim: int) -> str:
     start, stop, step = triple
     if (start, stop, step) == (0, dim, 1):
         return ":"
-    text = f"{cg.dims.n(start) if start else ''}:{cg.dims.n(stop)}"
-    return text + (f":{cg.dims.n(step)}" if step != 1 else "")
+    text = f"{cg.dims.offset(start) if start else ''}:{cg.dims.offset(stop)}"
+    return text + (f":{cg.dims.offset(step)}" if step != 1 else "")
 
 
 def emit_reshape(cg: Codegen, scope: Scope, node: Node) -> None:
@@ -816,9 +830,9 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
             for k in range(len(vals) - 1, -1, -1):
                 moved = list(index)
                 if starts[k]:
-                    moved[axis] = f"{i} - {cg.dims.n(starts[k])}"
+                    moved[axis] = f"{i} - {cg.dims.offset(starts[k])}"
                 e = vals[k].elem(moved)
-                expr = e if not expr else f"({e} if {i} < {cg.dims.n(starts[k + 1])} else {expr})"
+                expr = e if not expr else f"({e} if {i} < {cg.dims.offset(starts[k + 1])} else {expr})"
             return expr
         scope.env[node] = Val(node.shape, node.dtype, fn=fn)
         return
@@ -832,7 +846,7 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
         idx, indent = cg.nest(scope, s.shape, node)
         dst = list(idx)
         if offset:
-            dst[axis] = f"{cg.dims.n(offset)} + {idx[axis]}"
+            dst[axis] = f"{cg.dims.offset(offset)} + {idx[axis]}"
         scope.block.add(indent, f"{out.elem(dst)} = {val.elem(idx)}", node)
         offset += s.shape[axis]
     scope.env[node] = out
@@ -844,7 +858,7 @@ def emit_pad(cg: Codegen, scope: Scope, node: Node) -> None:
     pads: tuple[tuple[int, int], ...] = node.arg  # type: ignore[assignment]
     src = scope.env[node.src[0]]
     zero = cg.dims.f(0, node.dtype)
-    bounds = [(cg.dims.n(lo), cg.dims.n(lo + d)) for (lo, _), d in zip(pads, node.src[0].shape)]
+    bounds = [(cg.dims.offset(lo), cg.dims.offset(lo + d)) for (lo, _), d in zip(pads, node.src[0].shape)]
     padded = [k for k, (lo, hi) in enumerate(pads) if lo or hi]
 
     def fn(index: Sequence[str]) -> str:

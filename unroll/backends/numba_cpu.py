@@ -9,20 +9,29 @@ the hash of its content (temp file + os.replace, never rewritten), imported as a
 registered in `sys.modules`. Shapes are run-time parameters (see numba_codegen), so a new T or B
 gives the same source: in one process the loaded module is reused with no compilation at all, and a
 new process loads the machine code from Numba's cache (NUMBA_CACHE_DIR, default next to the module).
-`STATS` counts code generations, Numba compilations and cache loads; tests read it.
+A graph compiled before (same printed IR, options and compiler sources) is recognised by a
+JSON record `unroll_graph_<sha256>.json` beside its module, so a new process skips the passes and
+code generation as well. `STATS` counts code generations, Numba compilations, cache loads and
+recorded hits; tests read it.
 
-Threads, chosen deliberately for a 2-core machine shared with other work:
+Threads, chosen deliberately (measured on a 2-core machine, idle):
 - the generated code runs on the calling thread (no `parallel=True`/prange): per-step work in an
   RNN is small (B x H elements), a parallel region per step costs microseconds to start, and Numba
   worker threads would compete with BLAS's own threads (oversubscription turned a 25 ms step into
   5.5 s here);
-- large matrix products go to scipy's OpenBLAS (`numba_kernels.xxgemm`, the library Numba's
-  np.dot uses), small per-step products run as vectorised loops (no call cost). That OpenBLAS is
-  set to `UNROLL_NUMBA_BLAS_THREADS` threads (default 1) when this module loads (threadpoolctl,
-  numpy's own OpenBLAS is left alone): measured here, per-step products of a few hundred K
-  multiply-adds gain nothing from a second thread, and OpenBLAS threads that spin while another
-  process holds the other core turned 70 us steps into 70 ms ones (the small config, machine
-  shared). Set it to 2 on an idle machine for the large configuration's big products.
+- matrix products above `LOOP_MAX_MACS` go to scipy's OpenBLAS (`numba_kernels.xxgemm`, the
+  library Numba's np.dot uses), smaller per-step products run as vectorised loops (no call cost).
+  That OpenBLAS gets one thread per core (`UNROLL_NUMBA_BLAS_THREADS`) for the products outside
+  time loops (input projections, weight gradients), and `UNROLL_NUMBA_BLAS_LOOP_THREADS` (default:
+  the same) for the per-step products inside them; generated code switches between the two
+  around each top-level loop through `openblas_set_num_threads` (numba_kernels.blas_threads).
+  Measured: LSTM (100, 64, 256, 512) 923 -> 695 ms and (1000, 8, 32, 128) 230 -> 138 ms with two
+  threads in the loop, small configurations unchanged (OpenBLAS keeps products under 256K
+  multiply-adds on one thread itself). On a machine shared with other work, set the loop count
+  to 1: OpenBLAS threads that spin while another process holds the other core turned 70 us
+  steps into 70 ms ones. numpy's own OpenBLAS is left alone.
+- freed memory stays in glibc's heap (`_keep_freed_memory`): otherwise every step page-faults
+  its activations in afresh.
 """
 
 from __future__ import annotations
