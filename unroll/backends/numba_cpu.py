@@ -70,7 +70,7 @@ def _blas_control() -> tuple[int, int, int]:
     threads inside them). Sets the outside count now; numpy's own OpenBLAS is left alone."""
     cores = os.cpu_count() or 1
     outside = _env_threads("UNROLL_NUMBA_BLAS_THREADS", cores)
-    inside = _env_threads("UNROLL_NUMBA_BLAS_LOOP_THREADS", 1)
+    inside = _env_threads("UNROLL_NUMBA_BLAS_LOOP_THREADS", outside)
     try:
         import ctypes
 

@@ -21,6 +21,8 @@ Backward loop: consts  = the forward consts the backward body reads,
                          stacked dx (the sequences' gradients).
 What the forward loop saves (the residuals, extra per-step outputs appended after its own so its
 projections keep their indices) is decided by a Policy passed in: SaveAll, Recompute, Checkpoint(k).
+Under every policy, cheap arithmetic of a single saved value (the derivative factors 1 - y*y and
+s*(1 - s)) is recomputed by the backward body rather than saved (`_cheap_of_one`).
 The loss keeps using the original loop; `merge_loops` swaps it for the extended one, so that
 `[loss, *grads]` runs the forward loop once (grad applies it to the gradients, value_and_grad to both).
 """
