@@ -97,6 +97,18 @@ class Dims:
     def offset(self, value: int) -> str:
         return self._name(int(value), ("offset", len(self.ints)))
 
+    def part_offset(self, offset: int, part: int, equal_parts: bool) -> str | None:
+        """Where a part of a concatenation starts, written in terms of the part's extent when it
+        follows parts of the same extent (`2 * n3` for the third of equal gates): a loop over the part writes
+        [k * n + i] for i < n, so LLVM can prove the parts' stores disjoint and vectorise a fused
+        kernel that writes all gates (with an unrelated offset name it cannot, and kept it scalar)."""
+        if not offset:
+            return None
+        if equal_parts and part > 1:  # every part before has this extent (gates): k is structural
+            k = offset // part
+            return self.n(part) if k == 1 else f"{k} * {self.n(part)}"
+        return self.offset(offset)
+
     def _name(self, value: int, key: object) -> str:
         if value in (0, 1):
             return str(value)
@@ -146,10 +158,21 @@ def scalar_statements(op: Op, dtype: str, in_dtype: str, operands: Sequence[str]
         if op is Op.SIGMOID:
             lines.append(f"{name} = np.float32(0.5) + np.float32(0.5) * {name}")
         return lines
-    template = SCALAR_EXPRS[op]
+    template = FLOAT_SELECTS.get(op, SCALAR_EXPRS[op]) if in_dtype in FLOAT_DTYPES else SCALAR_EXPRS[op]
     if in_dtype in FLOAT_DTYPES:
         template = _FLOAT_LIT.sub(lambda m: f"np.{in_dtype}({m.group(1)})", template)
     return [f"{name} = {template.format(*operands)}"]
+
+
+# float max/min as selects that propagate NaN like np.maximum/np.minimum (`|`, not `or`: no branch)
+FLOAT_SELECTS = {
+    Op.MAX: "({0} if ({0} > {1}) | ({0} != {0}) else {1})",
+    Op.MIN: "({0} if ({0} < {1}) | ({0} != {0}) else {1})",
+}
+
+
+def float_max(a: str, b: str) -> str:
+    return FLOAT_SELECTS[Op.MAX].format(a, b)
 
 
 _TANH_P = ("-2.76076847742355e-16", "2.00018790482477e-13", "-8.60467152213735e-11", "5.12229709037114e-08",
@@ -168,7 +191,11 @@ def tanh32_statements(x: str, name: str) -> list[str]:
     q = f"np.float32({_TANH_Q[0]})"
     for coef in _TANH_Q[1:]:
         q = f"({q} * {x2} + np.float32({coef}))"
-    return [f"{xc} = min(max({x}, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))",
+    lo, hi = "np.float32(-7.90531110763549805)", "np.float32(7.90531110763549805)"
+    # the clamp as selects: Python's min/max lower to branches LLVM does not if-convert, which kept
+    # every loop holding a tanh or sigmoid scalar (NaN still passes through: both tests are false)
+    return [f"{xc} = {x}",
+            f"{xc} = {lo} if {xc} < {lo} else ({hi} if {xc} > {hi} else {xc})",
             f"{x2} = {xc} * {xc}",
             f"{name} = {xc} * {p} / {q}"]
 
@@ -341,10 +368,12 @@ class Codegen:
             scope.targets[node] = out
             axis: int = node.arg  # type: ignore[assignment]
             offset = 0
-            for src in node.src:
+            for k, src in enumerate(node.src):
+                equal = all(p.shape[axis] == src.shape[axis] for p in node.src[:k])
                 if len(scope.users.get(src, [])) == 1 and src not in outputs and src not in scope.targets \
                         and _is_writer(src) and node.src.count(src) == 1:
-                    scope.targets[src] = _offset_view(out, src.shape, axis, self.dims.offset(offset) if offset else None)
+                    scope.targets[src] = _offset_view(out, src.shape, axis,
+                                                       self.dims.part_offset(offset, src.shape[axis], equal))
                     no_inline.add(src)
                 offset += src.shape[axis]
 
@@ -478,10 +507,12 @@ def emit_cluster(cg: Codegen, scope: Scope, loop_shape: tuple[int, ...],
         scope.block.add(indent + k, f"for {name} in range({cg.dims.n(loop_shape[split + k])}):", node)
     full_idx = idx + inner
     value = _emit_statements(cg, scope, cone, full_idx, indent + len(inner), loop_shape, leaf_val, node, [])
-    combine = f"max({acc}, {value})" if is_max else f"{acc} + {value}"
+    is_float = node.dtype in FLOAT_DTYPES
+    pick = float_max if is_float else (lambda a, b: f"max({a}, {b})")
+    combine = pick(acc, value) if is_max else f"{acc} + {value}"
     scope.block.add(indent + len(inner), f"{acc} = {combine}", node)
     target = out.elem(out_index)
-    combine_out = f"max({target}, {acc})" if is_max else f"{target} + {acc}"
+    combine_out = pick(target, acc) if is_max else f"{target} + {acc}"
     scope.block.add(indent, f"{target} = {combine_out}", node)
 
 
@@ -838,7 +869,7 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
         return
     out = cg.out_for(scope, node, "cat")
     offset = 0
-    for s in node.src:
+    for k, s in enumerate(node.src):
         val = scope.env[s]
         if val is scope.targets.get(s) and val.base == out.base:
             offset += s.shape[axis]
@@ -846,7 +877,8 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
         idx, indent = cg.nest(scope, s.shape, node)
         dst = list(idx)
         if offset:
-            dst[axis] = f"{cg.dims.offset(offset)} + {idx[axis]}"
+            equal = all(p.shape[axis] == s.shape[axis] for p in node.src[:k])
+            dst[axis] = f"{cg.dims.part_offset(offset, s.shape[axis], equal)} + {idx[axis]}"
         scope.block.add(indent, f"{out.elem(dst)} = {val.elem(idx)}", node)
         offset += s.shape[axis]
     scope.env[node] = out

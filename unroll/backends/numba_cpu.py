@@ -150,7 +150,7 @@ from numba import njit
 from unroll.backends.numba_kernels import blas_threads, xxgemm
 
 
-@njit(cache=True, nogil=True, fastmath={fastmath})
+@njit(cache=True, nogil=True, fastmath={fastmath}, error_model="numpy")
 '''
 
 
