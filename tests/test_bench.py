@@ -81,3 +81,31 @@ def test_header_reports_threads():
     for key in ("OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         assert key in head
     assert os.cpu_count() == head["cpus"]
+
+
+def test_cuda_backend_without_gpu_is_a_row_note_not_a_crash():
+    from numba import cuda
+    if cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = bench.run_bench(cells=("rnn",), configs=("3,2,2,3",), impls=("cuda",), repeats=1, budget_s=0,
+                             plot=False, quiet=True, backend="cuda")
+    (row,) = result["rows"]
+    assert row["impl"] == "cuda" and row["median_ms"] is None and "GPU" in row["note"]
+    assert "cuda / best peer" in result["table"]
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench.run_bench(backend="tpu", quiet=True)
+
+
+def test_cuda_bench_runs_in_the_simulator(tmp_path):
+    """`unroll bench --backend cuda` end to end in numba's CUDA simulator (own process)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "UNROLL_CACHE_DIR": str(tmp_path / "gen")}
+    done = subprocess.run([sys.executable, "-m", "unroll.bench", "--backend", "cuda", "--cells", "rnn",
+                           "--configs", "3,2,2,3", "--impls", "cuda", "--repeats", "1", "--budget", "0",
+                           "--no-plot", "--out", str(tmp_path / "out")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert rows[0]["impl"] == "cuda" and rows[0]["median_ms"] is not None, rows[0]["note"]

@@ -43,6 +43,8 @@ CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "large": (100, 64, 256, 512),
     "long": (1000, 8, 32, 128),
 }
+GPU_CONFIGS: dict[str, tuple[int, int, int, int]] = {"xl": (100, 256, 512, 1024)}  # with --backend cuda
+BACKENDS = ("numba", "cuda")
 CELLS = ("rnn", "lstm", "gru", "tcn")
 TCN_LEVELS, TCN_KERNEL = 4, 3
 PEERS = ("torch", "jax")
@@ -187,6 +189,16 @@ def unroll_step(cell: str, T: int, B: int, I: int, H: int, backend: str, **optio
     xv, yv = make_data(T, B, I, H)
     feeds = {"x": xv, "y": yv, **model.state_dict()}
     compiled = ur.compile(graph, backend=backend, **options)
+    if backend == "cuda":  # inputs and parameters live on the device, as in a training loop
+        from numba import cuda
+        feeds = {k: cuda.to_device(np.ascontiguousarray(v)) for k, v in feeds.items()}
+        info = {"device": str(getattr(cuda.get_current_device(), "name", "cuda"))}
+
+        def step() -> Any:
+            out = compiled(**feeds)
+            cuda.synchronize()
+            return out
+        return step, info
     info = {}
     impl = getattr(compiled, "impl", None)
     if hasattr(impl, "from_cache"):
@@ -196,10 +208,10 @@ def unroll_step(cell: str, T: int, B: int, I: int, H: int, backend: str, **optio
 
 # ---- PyTorch -------------------------------------------------------------------------------------
 
-def torch_step(cell: str, T: int, B: int, I: int, H: int) -> tuple[Step, dict]:  # noqa: E741
+def torch_step(cell: str, T: int, B: int, I: int, H: int, device: str = "cpu") -> tuple[Step, dict]:  # noqa: E741
     import torch
     xv, yv = make_data(T, B, I, H)
-    x, y = torch.from_numpy(xv), torch.from_numpy(yv)
+    x, y = torch.from_numpy(xv).to(device), torch.from_numpy(yv).to(device)
     if cell == "tcn":
         model = _torch_tcn(torch, I, H)
         x = x.permute(1, 2, 0).contiguous()   # (B, C, T) for Conv1d
@@ -212,6 +224,7 @@ def torch_step(cell: str, T: int, B: int, I: int, H: int) -> tuple[Step, dict]: 
 
         def forward() -> Any:
             return model(x)[0]
+    model = model.to(device)
     params = list(model.parameters())
 
     def step() -> Any:
@@ -345,11 +358,18 @@ def measure(row: Row, make: Callable[[], tuple[Step, dict]], repeats: int, budge
     return row
 
 
-def implementations(cell: str, ablations: bool, have: dict[str, bool]) -> dict[str, Callable[..., tuple[Step, dict]]]:
+def implementations(cell: str, ablations: bool, have: dict[str, bool], backend: str = "numba"
+                    ) -> dict[str, Callable[..., tuple[Step, dict]]]:
     impls: dict[str, Callable[..., tuple[Step, dict]]] = {
         "numpy": lambda *s: unroll_step(cell, *s, backend="numpy"),
-        "numba": lambda *s: unroll_step(cell, *s, backend="numba"),
+        backend: lambda *s: unroll_step(cell, *s, backend=backend),
     }
+    if backend == "cuda":  # peers on the GPU too (cuDNN), where their build has CUDA
+        if have.get("torch"):
+            impls["torch"] = lambda *s: torch_step(cell, *s, device="cuda")
+        if have.get("jax"):
+            impls["jax"] = lambda *s: jax_step(cell, *s)
+        return impls
     if ablations:
         from unroll.ir.optimize import PASSES
         for name in PASSES:
@@ -364,26 +384,35 @@ def implementations(cell: str, ablations: bool, have: dict[str, bool]) -> dict[s
 
 
 def parse_config(text: str) -> tuple[str, tuple[int, int, int, int]]:
-    if text in CONFIGS:
-        return text, CONFIGS[text]
+    named = {**CONFIGS, **GPU_CONFIGS}
+    if text in named:
+        return text, named[text]
     try:
         dims = tuple(int(v) for v in text.split(","))
     except ValueError:
         dims = ()
     if len(dims) != 4 or min(dims) < 1:
-        raise ValueError(f"config {text!r}: expected one of {', '.join(CONFIGS)} or T,B,I,H (positive ints)")
+        raise ValueError(f"config {text!r}: expected one of {', '.join({**CONFIGS, **GPU_CONFIGS})} or T,B,I,H "
+                         f"(positive ints)")
     return text, dims  # type: ignore[return-value]
 
 
-def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] = tuple(CONFIGS),
+def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None,
               impls: Sequence[str] | None = None, ablations: bool = False, repeats: int = 20,
               budget_s: float = 3.0, numpy_max_steps: int = 20_000, out_dir: str | None = None,
-              plot: bool = True, memory: bool = True, quiet: bool = False) -> dict[str, Any]:
+              plot: bool = True, memory: bool = True, quiet: bool = False,
+              backend: str = "numba") -> dict[str, Any]:
     """Run the benchmark; returns {"header", "rows", "table"} and writes JSON/markdown/PNG to out_dir.
 
     `impls` restricts implementations by name (e.g. ("numba", "torch")). The numpy reference is
-    skipped where T*B*H exceeds `numpy_max_steps` * 1000 (minutes per step).
+    skipped where T*B*H exceeds `numpy_max_steps` * 1000 (minutes per step). `backend="cuda"` times
+    unroll's CUDA backend against PyTorch on the GPU (cuDNN) and JAX instead, configs plus xl.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if configs is None:
+        configs = tuple(CONFIGS) + (tuple(GPU_CONFIGS) if backend == "cuda" else ())
+    memory = memory and backend != "cuda"  # resident-set growth says nothing about GPU memory
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     have = {"torch": _try_import("torch") is not None, "jax": _try_import("jax") is not None}
     head = header()
@@ -396,7 +425,7 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] = tuple(CONFI
             raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}")
         for config in configs:
             name, (T, B, I, H) = parse_config(config)  # noqa: E741
-            for impl, make in implementations(cell, ablations, have).items():
+            for impl, make in implementations(cell, ablations, have, backend).items():
                 if impls is not None and impl not in impls:
                     continue
                 row = Row(cell, name, T, B, I, H, impl)
@@ -430,11 +459,17 @@ def _by_row(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, dict]]:
     return table
 
 
+def _ours(rows: Sequence[dict]) -> str:
+    """The unroll backend a run compares: cuda where it has cuda rows, else numba."""
+    return "cuda" if any(r["impl"] == "cuda" for r in rows) else "numba"
+
+
 def ratios(rows: Sequence[dict]) -> dict[tuple[str, str], float | None]:
-    """unroll numba's time over the best peer's (PyTorch, JAX) per (cell, config)."""
+    """unroll numba's (or cuda's) time over the best peer's (PyTorch, JAX) per (cell, config)."""
     out = {}
+    name = _ours(rows)
     for key, impls in _by_row(rows).items():
-        ours = impls.get("numba", {}).get("median_ms")
+        ours = impls.get(name, {}).get("median_ms")
         peers = [impls[p]["median_ms"] for p in PEERS if p in impls and impls[p].get("median_ms")]
         out[key] = ours / min(peers) if ours and peers else None
     return out
@@ -445,8 +480,9 @@ def format_table(rows: Sequence[dict]) -> str:
     table = _by_row(rows)
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     rs = ratios(rows)
+    ours = _ours(rows)
     lines = ["| cell | config (T,B,I,H) | " + " | ".join(f"{i} ms" for i in impls)
-             + " | numba first call ms | numba / best peer | peak MB numba / torch |",
+             + f" | {ours} first call ms | {ours} / best peer | peak MB {ours} / torch |",
              "|" + "---|" * (len(impls) + 5)]
     for (cell, config), by_impl in table.items():
         any_row = next(iter(by_impl.values()))
@@ -455,11 +491,11 @@ def format_table(rows: Sequence[dict]) -> str:
         for i in impls:
             r = by_impl.get(i)
             cells.append("-" if r is None or r.get("median_ms") is None else f"{r['median_ms']:.3f}")
-        nb = by_impl.get("numba", {})
+        nb = by_impl.get(ours, {})
         first = f"{nb['first_ms']:.0f}" if nb.get("first_ms") is not None else "-"
         ratio = rs[(cell, config)]
         mem = "/".join(f"{by_impl[i]['peak_mb']:.1f}" if by_impl.get(i, {}).get("peak_mb") is not None else "-"
-                       for i in ("numba", "torch"))
+                       for i in (ours, "torch"))
         lines.append(f"| {cell} | {dims} | " + " | ".join(cells) + f" | {first} | "
                      + (f"{ratio:.2f}x" if ratio else "-") + f" | {mem} |")
     return "\n".join(lines)
@@ -485,7 +521,7 @@ def plot_results(rows: Sequence[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     table = _by_row(rows)
     keys = list(table)
-    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i in ("numpy", "numba", "torch", "jax")]
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i in ("numpy", "numba", "cuda", "torch", "jax")]
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(keys) + 2), 4.5))
     width = 0.8 / max(1, len(impls))
     for j, impl in enumerate(impls):
@@ -505,8 +541,11 @@ def plot_results(rows: Sequence[dict], path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unroll bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS),
-                        help=f"names ({', '.join(CONFIGS)}) or T,B,I,H")
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help=f"names ({', '.join(CONFIGS)}; xl with --backend cuda) or T,B,I,H "
+                             f"(default: all, xl only on cuda)")
+    parser.add_argument("--backend", default="numba", choices=BACKENDS,
+                        help="unroll backend to time (cuda: against PyTorch/cuDNN on the GPU)")
     parser.add_argument("--impls", nargs="+", default=None, help="only these implementations")
     parser.add_argument("--ablations", action="store_true", help="also numba with each pass switched off")
     parser.add_argument("--repeats", type=int, default=20)
@@ -516,12 +555,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        for c in args.configs:
+        for c in args.configs or ():
             parse_config(c)
     except ValueError as err:
         parser.error(str(err))
     run_bench(args.cells, args.configs, args.impls, args.ablations, args.repeats, args.budget,
-              out_dir=args.out, plot=not args.no_plot, memory=not args.no_memory)
+              out_dir=args.out, plot=not args.no_plot, memory=not args.no_memory, backend=args.backend)
     return 0
 
 

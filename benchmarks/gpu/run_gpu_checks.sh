@@ -23,4 +23,7 @@ python3 -c "import numpy, numba; from numba import cuda; print('numpy', numpy.__
 timeout 470 python3 benchmarks/gpu/gpu_check.py --out "$OUT" --results benchmarks/results "$@" 2>&1 | tee "$OUT/run.txt"
 status=${PIPESTATUS[0]}
 echo "gpu_check exit status: $status"
+# the same rows through `unroll bench --backend cuda` (LSTM only: what the remaining minutes allow)
+timeout 90 python3 -m unroll.bench --backend cuda --cells lstm --configs tiny small long xl --repeats 5 \
+  --budget 1 --no-plot --out "$OUT/unroll_bench_cuda" 2>&1 | tail -12 | tee "$OUT/unroll_bench_cuda.txt"
 exit "$status"
