@@ -21,7 +21,8 @@ Threads, chosen deliberately (measured on a 2-core machine, idle):
   5.5 s here);
 - matrix products above `LOOP_MAX_MACS` go to scipy's OpenBLAS (`numba_kernels.xxgemm`, the
   library Numba's np.dot uses), smaller per-step products run as vectorised loops (no call cost).
-  That OpenBLAS gets one thread per core (`UNROLL_NUMBA_BLAS_THREADS`) for the products outside
+  That OpenBLAS gets one thread per core (`UNROLL_NUMBA_BLAS_THREADS`, else OPENBLAS_NUM_THREADS
+  where the user set it) for the products outside
   time loops (input projections, weight gradients), and `UNROLL_NUMBA_BLAS_LOOP_THREADS` (default:
   the same) for the per-step products inside them; generated code switches between the two
   around each top-level loop through `openblas_set_num_threads` (numba_kernels.blas_threads).
@@ -69,7 +70,7 @@ def _blas_control() -> tuple[int, int, int]:
     """(address of scipy OpenBLAS's openblas_set_num_threads or 0, threads outside time loops,
     threads inside them). Sets the outside count now; numpy's own OpenBLAS is left alone."""
     cores = os.cpu_count() or 1
-    outside = _env_threads("UNROLL_NUMBA_BLAS_THREADS", cores)
+    outside = _env_threads("UNROLL_NUMBA_BLAS_THREADS", _env_threads("OPENBLAS_NUM_THREADS", cores))
     inside = _env_threads("UNROLL_NUMBA_BLAS_LOOP_THREADS", outside)
     try:
         import ctypes
