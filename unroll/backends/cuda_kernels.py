@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,24 @@ from .cuda_codegen import (
     unravel,
 )
 
-ArgRef = tuple[str, Hashable]  # ("node", Node) | ("scratch", key) | ("table", key) | ...
+ArgRef = tuple[str, Hashable]
+
+@contextmanager
+def _last_to_arrive(em: Emitter, counter: str, arrivals: int) -> Iterator[None]:
+    """Code emitted inside runs in the one block of `arrivals` that finishes last (a grid-wide
+    combine without a second launch): every block publishes its partial result, bumps
+    `cnt[counter]`, and the block that sees `arrivals - 1` combines the partials and resets the
+    counter for the next launch. Needs `tid`, a shared `flag` and the `cnt` parameter."""
+    em.line("cuda.threadfence()")
+    em.line("cuda.syncthreads()")
+    with em.block("if tid == 0:"):
+        em.line(f"flag[0] = 1 if cuda.atomic.add(cnt, {counter}, 1) == {arrivals - 1} else 0")
+    em.line("cuda.syncthreads()")
+    with em.block("if flag[0] == 1:"):
+        em.line("cuda.threadfence()")
+        yield
+        with em.block("if tid == 0:"):
+            em.line(f"cnt[{counter}] = 0")  # ready for the next launch  # ("node", Node) | ("scratch", key) | ("table", key) | ...
 
 
 @dataclass
@@ -197,20 +215,12 @@ def reduction_kernel(name: str, node: Node, is_materialized: Callable[[Node], bo
         params += [("part", dt, ("scratch", part_key)), ("cnt", "int32", ("scratch", count_key))]
         with em.block(f"if ty == 0 and o < {n_out}:"):
             em.line(f"part[o * {chunks} + c] = sm[tx]")
-        em.line("cuda.threadfence()")
-        em.line("cuda.syncthreads()")
-        with em.block("if tid == 0:"):
-            em.line(f"flag[0] = 1 if cuda.atomic.add(cnt, cuda.blockIdx.x, 1) == {chunks - 1} else 0")
-        em.line("cuda.syncthreads()")
-        with em.block("if flag[0] == 1:"):
-            em.line("cuda.threadfence()")
+        with _last_to_arrive(em, "cuda.blockIdx.x", chunks):
             with em.block(f"if ty == 0 and o < {n_out}:"):
                 em.line(f"tot = part[o * {chunks}]")
                 with em.block(f"for cc in range(1, {chunks}):"):
                     em.line(f"tot = {_combine(node.op, 'tot', f'part[o * {chunks} + cc]')}")
                 em.line("out[o] = tot")
-            with em.block("if tid == 0:"):
-                em.line("cnt[cuda.blockIdx.x] = 0")  # ready for the next launch
     params += inputs.params()
     return KernelSpec(name, _def(name, [p for p, _, _ in params], em.lines), params, (blocks_o, chunks), nt,
                       scratch=scratch, zeroed=zeroed,
@@ -331,14 +341,8 @@ def matmul_kernel(name: str, node: Node, is_materialized: Callable[[Node], bool]
         params += [("part", dt, ("scratch", part_key)), ("cnt", "int32", ("scratch", count_key))]
         store("part", f"(bz * {splits} + split) * {mn}")
         em.line("flag = cuda.shared.array(1, int32)")
-        em.line("cuda.threadfence()")
-        em.line("cuda.syncthreads()")
         em.line("tile = (bz * cuda.gridDim.y + cuda.blockIdx.y) * cuda.gridDim.x + cuda.blockIdx.x")
-        with em.block("if tid == 0:"):
-            em.line(f"flag[0] = 1 if cuda.atomic.add(cnt, tile, 1) == {splits - 1} else 0")
-        em.line("cuda.syncthreads()")
-        with em.block("if flag[0] == 1:"):
-            em.line("cuda.threadfence()")
+        with _last_to_arrive(em, "tile", splits):
             for i in range(tm):
                 em.line(f"gm = m0 + tr + {i * (bm // tm)}")
                 with em.block(f"if gm < {m_dim}:"):
@@ -349,8 +353,6 @@ def matmul_kernel(name: str, node: Node, is_materialized: Callable[[Node], bool]
                             with em.block(f"for sp in range(1, {splits}):"):
                                 em.line(f"tot += part[(bz * {splits} + sp) * {mn} + gm * {n_dim} + gn]")
                             em.line(f"out[bz * {mn} + gm * {n_dim} + gn] = tot")
-            with em.block("if tid == 0:"):
-                em.line("cnt[tile] = 0")  # ready for the next launch
     params += inputs.params()
     grid = (math.ceil(n_dim / bn), math.ceil(m_dim / bm), n_batch * splits)
     return KernelSpec(name, _def(name, [p for p, _, _ in params], em.lines), params, grid, nt,
