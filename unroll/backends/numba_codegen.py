@@ -97,15 +97,16 @@ class Dims:
     def offset(self, value: int) -> str:
         return self._name(int(value), ("offset", len(self.ints)))
 
-    def part_offset(self, offset: int, part: int, equal_parts: bool) -> str | None:
-        """Where a part of a concatenation starts, written in terms of the part's extent when it
-        follows parts of the same extent (`2 * n3` for the third of equal gates): a loop over the part writes
-        [k * n + i] for i < n, so LLVM can prove the parts' stores disjoint and vectorise a fused
-        kernel that writes all gates (with an unrelated offset name it cannot, and kept it scalar)."""
+    def part_offset(self, extents: Sequence[int], k: int) -> str | None:
+        """Where part k of a concatenation of parts with these extents starts (None: at 0). After
+        parts of its own extent it is written `k * n` with n the part's extent (`2 * n3` for the
+        third of equal gates): a loop over the part writes [k * n + i] for i < n, so LLVM can prove
+        the parts' stores disjoint and vectorise a kernel that writes all gates (with an unrelated
+        offset name it cannot, and kept it scalar)."""
+        offset, part = sum(extents[:k]), extents[k]
         if not offset:
             return None
-        if equal_parts and part > 1:  # every part before has this extent (gates): k is structural
-            k = offset // part
+        if part > 1 and all(e == part for e in extents[:k]):  # k is structural, not a size
             return self.n(part) if k == 1 else f"{k} * {self.n(part)}"
         return self.offset(offset)
 
@@ -367,15 +368,11 @@ class Codegen:
                 scope.owned[node] = out.base  # type: ignore[assignment]
             scope.targets[node] = out
             axis: int = node.arg  # type: ignore[assignment]
-            offset = 0
+            extents = [src.shape[axis] for src in node.src]
             for k, src in enumerate(node.src):
-                equal = all(p.shape[axis] == src.shape[axis] for p in node.src[:k])
-                if len(scope.users.get(src, [])) == 1 and src not in outputs and src not in scope.targets \
-                        and _is_writer(src) and node.src.count(src) == 1:
-                    scope.targets[src] = _offset_view(out, src.shape, axis,
-                                                       self.dims.part_offset(offset, src.shape[axis], equal))
+                if src in writes:
+                    scope.targets[src] = _offset_view(out, src.shape, axis, self.dims.part_offset(extents, k))
                     no_inline.add(src)
-                offset += src.shape[axis]
 
     def emit_scope(self, scope: Scope) -> list[Val]:
         self.prepare(scope)
@@ -868,19 +865,17 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
         scope.env[node] = Val(node.shape, node.dtype, fn=fn)
         return
     out = cg.out_for(scope, node, "cat")
-    offset = 0
+    extents = [s.shape[axis] for s in node.src]
     for k, s in enumerate(node.src):
         val = scope.env[s]
         if val is scope.targets.get(s) and val.base == out.base:
-            offset += s.shape[axis]
             continue  # already written in place
         idx, indent = cg.nest(scope, s.shape, node)
         dst = list(idx)
-        if offset:
-            equal = all(p.shape[axis] == s.shape[axis] for p in node.src[:k])
-            dst[axis] = f"{cg.dims.part_offset(offset, s.shape[axis], equal)} + {idx[axis]}"
+        start = cg.dims.part_offset(extents, k)
+        if start is not None:
+            dst[axis] = f"{start} + {idx[axis]}"
         scope.block.add(indent, f"{out.elem(dst)} = {val.elem(idx)}", node)
-        offset += s.shape[axis]
     scope.env[node] = out
 
 
@@ -968,7 +963,7 @@ def emit_loop(cg: Codegen, scope: Scope, node: Node) -> None:
         env[arg] = _step_view(src_vals[n_c + n_h + j], t)
     header = (f"for {t} in range({cg.dims.n(info.length)} - 1, -1, -1):" if info.reverse
               else f"for {t} in range({cg.dims.n(info.length)}):")
-    # BLAS threads for the per-step products (see numba_cpu.BlasThreads for the policy)
+    # BLAS threads for the per-step products (the policy: numba_cpu's module docstring)
     switch_threads = outer and any(n.op is Op.MATMUL for n in body.nodes())
     if switch_threads:
         scope.block.add(scope.indent, "blas_threads(blas[0], blas[2])", node)
