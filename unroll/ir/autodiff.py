@@ -492,12 +492,13 @@ def _residuals(outputs: list[Node], seeds: set[Node], args: Sequence[Node], n_c:
     per_step, x_args = set(args[n_c:]), set(args[n_c + n_h:])
     ct_dependent: set[Node] = set()
     varying: set[Node] = set()
-    for node in toposort(outputs):
+    order = toposort(outputs)
+    for node in order:
         if node in seeds or any(s in ct_dependent for s in node.src):
             ct_dependent.add(node)
         elif node in per_step or any(s in varying for s in node.src):
             varying.add(node)
-    cheap = _cheap_of_one(outputs, varying)
+    cheap = _cheap_of_one(order, varying)
     candidates = {n for n in varying if isinstance(n.type, TensorType) and n not in x_args
                   and n.op not in _VIEWS and n not in cheap and saves(n)}
     walk = toposort(outputs, stop=candidates)
@@ -508,15 +509,15 @@ def _residuals(outputs: list[Node], seeds: set[Node], args: Sequence[Node], n_c:
 _CHEAP = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.NEG})
 
 
-def _cheap_of_one(outputs: list[Node], varying: set[Node]) -> set[Node]:
+def _cheap_of_one(order: list[Node], varying: set[Node]) -> set[Node]:
     """Per-step values that are cheap arithmetic of exactly one other per-step value: derivative
     factors such as 1 - y*y (tanh) or s*(1 - s) (sigmoid). Saving the one value they come from
     instead (usually saved anyway) never saves more arrays and often fewer: an LSTM step saved 13
     arrays of B x H, 5 of them such factors, and the memory traffic of writing and reading them cost
-    more than recomputing them inside the backward loop's fused kernel."""
+    more than recomputing them inside the backward loop's fused kernel. `order` is topological."""
     base: dict[Node, frozenset[Node]] = {}
     cheap: set[Node] = set()
-    for node in toposort(outputs):
+    for node in order:
         if node not in varying:
             continue
         if node.op in _CHEAP and isinstance(node.type, TensorType):
