@@ -37,6 +37,7 @@ Threads, chosen deliberately (measured on a 2-core machine, idle):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -135,6 +136,7 @@ def default_cache_dir() -> str:
     return os.environ.get("UNROLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "unroll")
 
 
+@functools.cache
 def _kernels_version() -> str:
     from . import numba_kernels
     with open(numba_kernels.__file__, "rb") as f:
@@ -271,7 +273,7 @@ def compile_graph(graph: Graph, optimize: bool = True, cache_dir: str | None = N
         raise TypeError(f"numba backend: unknown options {', '.join(sorted(options))}")
     directory = cache_dir or default_cache_dir()
     record = _record_path(directory, graph, optimize, passes)
-    kernel = _load_recorded(record, graph)
+    kernel = _load_recorded(record, graph) if record is not None else None
     if kernel is not None:
         return kernel
     lowered = prepare_graph(graph, optimize, passes)
@@ -286,7 +288,7 @@ def compile_graph(graph: Graph, optimize: bool = True, cache_dir: str | None = N
     except Exception as err:  # numba's errors: re-raised with the op and source location
         raise _explain(err, cg, path, first_line) from None
     kernel = NumbaKernel(graph, cg.dim_values, cg.float_values, fn_source, path, dispatcher, from_cache)
-    if [n.type for n in lowered.inputs] == [n.type for n in graph.inputs]:
+    if record is not None and [n.type for n in lowered.inputs] == [n.type for n in graph.inputs]:
         _write_atomic(record, json.dumps({"module": os.path.basename(path), "dims": cg.dim_values,
                                           "floats": cg.float_values}))
     return kernel
@@ -303,24 +305,24 @@ def _compile(dispatcher, sig) -> bool:
     return from_cache
 
 
-_COMPILER_VERSION: list[str] = []
-
-
+@functools.cache
 def _compiler_version() -> str:
     """Hash of the sources that decide generated code (passes, IR, this backend), once per process."""
-    if not _COMPILER_VERSION:
-        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        digest = hashlib.sha256()
-        for folder in ("ir", "backends"):
-            for name in sorted(os.listdir(os.path.join(package, folder))):
-                if name.endswith(".py") and not name.startswith("cuda"):
-                    with open(os.path.join(package, folder, name), "rb") as f:
-                        digest.update(name.encode() + f.read())
-        _COMPILER_VERSION.append(digest.hexdigest()[:16])
-    return _COMPILER_VERSION[0]
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder in ("ir", "backends"):
+        for name in sorted(os.listdir(os.path.join(package, folder))):
+            if name.endswith(".py") and not name.startswith("cuda"):
+                with open(os.path.join(package, folder, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
 
 
-def _record_path(directory: str, graph: Graph, optimize: bool, passes: dict | None) -> str:
+def _record_path(directory: str, graph: Graph, optimize: bool, passes: dict | None) -> str | None:
+    """The record file for this graph and these options; None where passes include functions
+    (their repr names an address, not their code, so it cannot key a record across processes)."""
+    if any(callable(p) or isinstance(p, tuple) for p in (passes or {}).get("passes") or ()):
+        return None
     from ..ir.text import print_graph
     key = "\n".join([_compiler_version(), FASTMATH, repr(optimize), repr(sorted((passes or {}).items())),
                      print_graph(graph)])
