@@ -322,14 +322,24 @@ def matmul_kernel(name: str, node: Node, is_materialized: Callable[[Node], bool]
         em.line("cuda.syncthreads()")
     mn = m_dim * n_dim
 
-    def store(target: str, offset: str) -> None:
+    def each_element(body: Callable[[int, int], None]) -> None:
+        """Emit body(i, j) for this thread's (i, j) results that fall inside the matrix (gm, gn)."""
         for i in range(tm):
             em.line(f"gm = m0 + tr + {i * (bm // tm)}")
             with em.block(f"if gm < {m_dim}:"):
                 for j in range(tn):
                     em.line(f"gn = n0 + tc + {j * (bn // tn)}")
                     with em.block(f"if gn < {n_dim}:"):
-                        em.line(f"{target}[{offset} + gm * {n_dim} + gn] = {accs[i][j]}")
+                        body(i, j)
+
+    def store(target: str, offset: str) -> None:
+        each_element(lambda i, j: em.line(f"{target}[{offset} + gm * {n_dim} + gn] = {accs[i][j]}"))
+
+    def combine_splits(i: int, j: int) -> None:
+        em.line(f"tot = part[bz * {splits * mn} + gm * {n_dim} + gn]")
+        with em.block(f"for sp in range(1, {splits}):"):
+            em.line(f"tot += part[(bz * {splits} + sp) * {mn} + gm * {n_dim} + gn]")
+        em.line(f"out[bz * {mn} + gm * {n_dim} + gn] = tot")
 
     params = [("out", dt, ("node", node))]
     scratch: dict[Hashable, tuple[int, str]] = {}
@@ -343,16 +353,7 @@ def matmul_kernel(name: str, node: Node, is_materialized: Callable[[Node], bool]
         em.line("flag = cuda.shared.array(1, int32)")
         em.line("tile = (bz * cuda.gridDim.y + cuda.blockIdx.y) * cuda.gridDim.x + cuda.blockIdx.x")
         with _last_to_arrive(em, "tile", splits):
-            for i in range(tm):
-                em.line(f"gm = m0 + tr + {i * (bm // tm)}")
-                with em.block(f"if gm < {m_dim}:"):
-                    for j in range(tn):
-                        em.line(f"gn = n0 + tc + {j * (bn // tn)}")
-                        with em.block(f"if gn < {n_dim}:"):
-                            em.line(f"tot = part[bz * {splits * mn} + gm * {n_dim} + gn]")
-                            with em.block(f"for sp in range(1, {splits}):"):
-                                em.line(f"tot += part[(bz * {splits} + sp) * {mn} + gm * {n_dim} + gn]")
-                            em.line(f"out[bz * {mn} + gm * {n_dim} + gn] = tot")
+            each_element(combine_splits)
     params += inputs.params()
     grid = (math.ceil(n_dim / bn), math.ceil(m_dim / bm), n_batch * splits)
     return KernelSpec(name, _def(name, [p for p, _, _ in params], em.lines), params, grid, nt,
