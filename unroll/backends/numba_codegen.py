@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 from ..ir.node import Graph, LoopInfo, Node
 from ..ir.ops import ELEMENTWISE, FLOAT_DTYPES, Op
 from .exprs import SCALAR_EXPRS
+from .numba_gemm import ALIGN, PACKED_MAX_MACS, panel_width
 from .numba_kernels import LOOP_MAX_MACS
 
 Index = Callable[[Sequence[str]], list[str]]
@@ -62,6 +63,7 @@ class Val:
     root: str | None = None
     tbase: str | None = None   # for 2-D transposes of a plain array: that array's expression
     fn: Callable[[Sequence[str]], str] | None = None  # a virtual value (pad, concat): its element
+    packed: str | None = None  # a loop-invariant weight: its panels packed for numba_gemm.packed_gemm
 
     def elem(self, index: Sequence[str]) -> str:
         if self.const is not None:
@@ -664,6 +666,18 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
             out = final
         scope.env[node] = out
         return
+    if b.packed is not None and not ta:
+        # a packed loop-invariant weight: the micro-kernel up to PACKED_MAX_MACS (one thread, no
+        # call or packing cost), BLAS's threads above it. Decided at run time (sizes are dims)
+        add(ind, f"if {m} * {k} * {n} <= {PACKED_MAX_MACS}:", node)
+        add(ind + 1, f"packed_gemm({A}, {b.packed}, {O}, {int(accumulate)})", node)
+        add(ind, "else:", node)
+        add(ind + 1, blas, node)
+        if final is not None:
+            cg.copy(scope, out, final, node)
+            out = final
+        scope.env[node] = out
+        return
     # small products: loops (no call overhead); large: BLAS. Decided at run time (sizes are dims)
     add(ind, f"if {m} * {k} * {n} < {LOOP_MAX_MACS}:", node)
     if not tb:  # i-k-j: unit stride over rows of B and out
@@ -950,13 +964,12 @@ def emit_loop(cg: Codegen, scope: Scope, node: Node) -> None:
     for out in body.outputs[n_h:]:
         ys.append(cg.alloc(holder, (info.length,) + out.shape, out.dtype, "ys", node))
     env: dict[Node, Val] = {}
-    transposed_b = {n.src[1] for n in body.nodes() if n.op is Op.MATMUL and n.ndim == 2}
+    weights = {n.src[1] for n in body.nodes() if n.op is Op.MATMUL and n.ndim == 2}
     for i, arg in enumerate(body.inputs[:n_c]):
         env[arg] = src_vals[i]
-        if arg in transposed_b and src_vals[i].tbase is not None:
-            # a transposed weight read every step: one contiguous copy before the loop lets the
-            # per-step product stream its rows (i-k-j loops) instead of strided dot products
-            env[arg] = cg.materialize(scope, src_vals[i], node)
+        if arg in weights and arg.dtype in FLOAT_DTYPES:
+            # a weight every step multiplies: packed once, here, for the per-step micro-kernel
+            env[arg] = _packed_weight(cg, scope, holder, src_vals[i], node)
     for k, arg in enumerate(body.inputs[n_c:n_c + n_h]):
         env[arg] = carries[k]
     for j, arg in enumerate(body.inputs[n_c + n_h:]):
@@ -1029,6 +1042,23 @@ def emit_loop(cg: Codegen, scope: Scope, node: Node) -> None:
     for user in scope.users.get(node, []):
         if user.op is Op.PROJ:
             scope.env[user] = results[user.arg]  # type: ignore[index]
+
+
+def _packed_weight(cg: Codegen, scope: Scope, holder: Scope, val: Val, node: Node) -> Val:
+    """The weight `val` (K x N) with its panels packed before the loop (numba_gemm.pack_panels):
+    the buffer is allocated with the loop's buffers, the packing runs each time the loop starts."""
+    if not val.plain and val.tbase is None:
+        val = cg.materialize(scope, val, node)
+    k, n = (cg.dims.n(d) for d in val.shape)
+    bits = 32 if val.dtype == "float32" else 64
+    nr = panel_width(bits)
+    name = cg.fresh("pk")
+    size = f"-(-{n} // {nr}) * {k} * {nr} + {ALIGN * 8 // bits}"
+    holder.alloc.add(holder.alloc_indent, f"{name} = np.empty({size}, np.{val.dtype})", node)  # type: ignore[union-attr]
+    trans = val.tbase is not None
+    scope.block.add(scope.indent, f"pack_panels({val.tbase if trans else val.arr}, {int(trans)}, {name})", node)
+    return Val(val.shape, val.dtype, base=val.base, idx=val.idx, arr=val.arr, plain=val.plain, root=val.root,
+               tbase=val.tbase, packed=name)
 
 
 def _step_view(val: Val, t: str, plain: bool = False) -> Val:
