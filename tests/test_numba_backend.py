@@ -147,6 +147,20 @@ def test_training_step_equals_reference(kind, optimize):
     assert_same(g, feeds, optimize=optimize)
 
 
+@pytest.mark.parametrize("packed_max_macs", [None, 0])
+def test_per_step_products_by_a_weight_use_the_packed_kernel(monkeypatch, packed_max_macs):
+    """The recurrent products pack W_hh once before each loop and call the micro-kernel; above
+    PACKED_MAX_MACS (here: 0, every product) the same code calls BLAS instead. Both equal the
+    reference."""
+    from unroll.backends import numba_codegen
+    if packed_max_macs is not None:
+        monkeypatch.setattr(numba_codegen, "PACKED_MAX_MACS", packed_max_macs)
+    g, feeds = _cell_graph("rnn", 7, 9, 5, 18)   # 9 rows: blocks 5 + 4; 18 columns: a partial panel
+    source = numba_cpu.compile_graph(g).source
+    assert source.count("pack_panels(") == 2 and source.count("packed_gemm(") == 2
+    assert_same(g, feeds)
+
+
 def test_tcn_training_step():
     x = ur.input("x", (9, 2, 3))
     y = ur.input("y", (9, 2, 4))

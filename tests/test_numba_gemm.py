@@ -16,30 +16,32 @@ from unroll.backends.numba_gemm import KC, MR, pack_panels, packed_gemm, packed_
 
 
 @njit(cache=False)
-def _packed_product(w, transposed, a, c, accumulate, packed):
+def _packed_product(w, transposed, a, a_transposed, c, accumulate, packed):
     pack_panels(w, transposed, packed)
-    packed_gemm(a, packed, c, accumulate)
+    packed_gemm(a, a_transposed, packed, c, accumulate)
 
 
-def _run(a: np.ndarray, w: np.ndarray, transposed: bool, c: np.ndarray, accumulate: bool) -> np.ndarray:
+def _run(a: np.ndarray, w: np.ndarray, transposed: bool, c: np.ndarray, accumulate: bool,
+         a_transposed: bool = False) -> np.ndarray:
     k, n = w.shape
     bits = 8 * a.dtype.itemsize
     packed = np.full(packed_size(k, n, bits), np.nan, a.dtype)   # NaN: reading an unpacked slot shows
     stored = np.ascontiguousarray(w.T) if transposed else w
-    _packed_product(stored, int(transposed), a, c, int(accumulate), packed)
+    a_stored = np.ascontiguousarray(a.T) if a_transposed else a
+    _packed_product(stored, int(transposed), a_stored, int(a_transposed), c, int(accumulate), packed)
     return c
 
 
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 3 * MR + 1), k=st.sampled_from([1, 3, 16, KC - 1, KC, KC + 1, 2 * KC + 5]),
-       n=st.integers(1, 3 * panel_width(32) + 3), transposed=st.booleans(), accumulate=st.booleans(),
-       dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2 ** 16))
-def test_packed_gemm_equals_numpy(m, k, n, transposed, accumulate, dtype, seed):
+       n=st.integers(1, 3 * panel_width(32) + 3), transposed=st.booleans(), a_transposed=st.booleans(),
+       accumulate=st.booleans(), dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2 ** 16))
+def test_packed_gemm_equals_numpy(m, k, n, transposed, a_transposed, accumulate, dtype, seed):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((m, k)).astype(dtype)
     w = rng.standard_normal((k, n)).astype(dtype)
     c0 = rng.standard_normal((m, n)).astype(dtype)
-    got = _run(a, w, transposed, c0.copy(), accumulate)
+    got = _run(a, w, transposed, c0.copy(), accumulate, a_transposed)
     want = (c0 if accumulate else 0) + a.astype(np.float64) @ w.astype(np.float64)
     tol = 1e-4 * (k + 1) if dtype == "float32" else 1e-10 * (k + 1)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)

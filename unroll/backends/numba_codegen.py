@@ -13,9 +13,11 @@ Lowering, by op (see `_EMITTERS`):
   keeps unit strides visible to LLVM);
 - elementwise ops with one user of the same shape are inlined into that user's loop nest, and a
   FUSED node's body becomes one loop nest per output shape (scalar statements, no temporaries);
-- matmul calls `numba_kernels.gemm` (loops for small products, BLAS above a size threshold chosen
-  at run time); `c + a @ b` accumulates in place (BLAS beta=1), directly into the carried buffer
-  when it is a loop carry read nowhere else (BPTT weight gradients);
+- matmul calls BLAS (`numba_kernels.xxgemm`); inside a loop, a product by a loop-invariant weight
+  packs that weight once before the loop and runs `numba_gemm.packed_gemm` up to a size chosen at
+  run time (BLAS above it), other per-step products run as loops when small; `c + a @ b`
+  accumulates in place (beta=1), directly into the carried buffer when it is a loop carry read
+  nowhere else (BPTT weight gradients);
 - a LOOP is a `for t in range(...)` in the same function; every per-step buffer is allocated once
   before the outermost loop, per-step outputs are written straight into `ys[t]`, and carries swap
   buffers at the end of a step instead of copying.
@@ -666,11 +668,11 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
             out = final
         scope.env[node] = out
         return
-    if b.packed is not None and not ta:
+    if b.packed is not None:
         # a packed loop-invariant weight: the micro-kernel up to PACKED_MAX_MACS (one thread, no
         # call or packing cost), BLAS's threads above it. Decided at run time (sizes are dims)
         add(ind, f"if {m} * {k} * {n} <= {PACKED_MAX_MACS}:", node)
-        add(ind + 1, f"packed_gemm({A}, {b.packed}, {O}, {int(accumulate)})", node)
+        add(ind + 1, f"packed_gemm({A}, {int(ta)}, {b.packed}, {O}, {int(accumulate)})", node)
         add(ind, "else:", node)
         add(ind + 1, blas, node)
         if final is not None:

@@ -19,18 +19,21 @@ Threads, chosen deliberately (measured on a 2-core machine, idle):
   RNN is small (B x H elements), a parallel region per step costs microseconds to start, and Numba
   worker threads would compete with BLAS's own threads (oversubscription turned a 25 ms step into
   5.5 s here);
-- matrix products above `LOOP_MAX_MACS` go to scipy's OpenBLAS (`numba_kernels.xxgemm`, the
-  library Numba's np.dot uses), smaller per-step products run as vectorised loops (no call cost).
+- per-step products by a loop-invariant weight (h @ W_hh^T, dgates @ W_hh) run in
+  `numba_gemm.packed_gemm` on the calling thread up to `PACKED_MAX_MACS` multiply-adds: the
+  weight is packed once per call, not once per step as BLAS does, and there is no call or thread
+  start-up cost per step (LSTM (1000, 8, 32, 128) 139 -> 84 ms, RNN 49 -> 20 ms, GRU 160 -> 88 ms).
+  Other products go to scipy's OpenBLAS (`numba_kernels.xxgemm`, the library Numba's np.dot
+  uses), except other per-step products under `LOOP_MAX_MACS`, which run as vectorised loops.
   That OpenBLAS gets one thread per core (`UNROLL_NUMBA_BLAS_THREADS`, else OPENBLAS_NUM_THREADS
-  where the user set it) for the products outside
-  time loops (input projections, weight gradients), and `UNROLL_NUMBA_BLAS_LOOP_THREADS` (default:
-  the same) for the per-step products inside them; generated code switches between the two
-  around each top-level loop through `openblas_set_num_threads` (numba_kernels.blas_threads).
-  Measured: LSTM (100, 64, 256, 512) 923 -> 695 ms and (1000, 8, 32, 128) 230 -> 138 ms with two
-  threads in the loop, small configurations unchanged (OpenBLAS keeps products under 256K
-  multiply-adds on one thread itself). On a machine shared with other work, set the loop count
-  to 1: OpenBLAS threads that spin while another process holds the other core turned 70 us
-  steps into 70 ms ones. numpy's own OpenBLAS is left alone.
+  where the user set it) for the products outside time loops (input projections, weight
+  gradients), and `UNROLL_NUMBA_BLAS_LOOP_THREADS` (default: the same) for the per-step products
+  above PACKED_MAX_MACS; generated code switches between the two around each top-level loop
+  through `openblas_set_num_threads` (numba_kernels.blas_threads). Measured before the packed
+  kernel: LSTM (100, 64, 256, 512) 923 -> 695 ms with two threads in the loop. On a machine
+  shared with other work, set the loop count to 1: OpenBLAS threads that spin while another
+  process holds the other core turned 70 us steps into 70 ms ones. numpy's own OpenBLAS is left
+  alone.
 - freed memory stays in glibc's heap (`_keep_freed_memory`): otherwise every step page-faults
   its activations in afresh.
 """

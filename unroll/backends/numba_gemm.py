@@ -76,16 +76,17 @@ def _function(module: ir.Module, name: str, fnty: ir.FunctionType) -> tuple[ir.F
 
 
 def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
-    """kernel_<rows>(a, lda, k, panel, c, ldc, cols, accumulate): c[:rows, :cols] (+)= a[:rows] @ panel."""
+    """kernel_<rows>(a, row_stride, k_stride, k, panel, c, ldc, cols, accumulate):
+    c[:rows, :cols] (+)= a[:rows] @ panel, with a[i, kk] at a + i * row_stride + kk * k_stride."""
     ft = _float_type(bits)
     lanes = VECTOR_BITS // bits
     vt = ir.VectorType(ft, lanes)
     fp = ft.as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, _i64, fp, fp, _i64, _i64, _i32])
+    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, _i64, _i64, fp, fp, _i64, _i64, _i32])
     fn, new = _function(module, f"unroll_gemm_f{bits}_k{rows}", fnty)
     if not new:
         return fn
-    a, lda, k, panel, c, ldc, cols, accumulate = fn.args
+    a, row_stride, k_stride, k, panel, c, ldc, cols, accumulate = fn.args
     fn.attributes.add("nounwind")
     entry = fn.append_basic_block("entry")
     b = ir.IRBuilder(entry)
@@ -100,7 +101,7 @@ def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
         halves = [b.load(b.bitcast(b.gep(row, [ir.Constant(_i64, h * lanes)]), vp), align=bits // 8)
                   for h in range(2)]
         for i in range(rows):
-            x = b.load(b.gep(a, [b.add(b.mul(ir.Constant(_i64, i), lda), kk)]))
+            x = b.load(b.gep(a, [b.add(b.mul(ir.Constant(_i64, i), row_stride), b.mul(kk, k_stride))]))
             splat = b.shuffle_vector(b.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_i32, 0)),
                                      ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes))
             for h in range(2):
@@ -133,16 +134,16 @@ def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
 
 
 def _gemm_function(module: ir.Module, bits: int) -> ir.Function:
-    """gemm(a, lda, m, k, packed, n, c, ldc, accumulate): c[:m, :n] (+)= a[:m, :k] @ unpacked."""
+    """gemm(a, row_stride, k_stride, m, k, packed, n, c, ldc, accumulate): c[:m, :n] (+)= a @ w."""
     ft = _float_type(bits)
     fp = ft.as_pointer()
     nr = panel_width(bits)
-    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, _i64, _i64, fp, _i64, fp, _i64, _i32])
+    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, _i64, _i64, _i64, fp, _i64, fp, _i64, _i32])
     fn, new = _function(module, f"unroll_gemm_f{bits}", fnty)
     if not new:
         return fn
     kernels = [_micro_kernel(module, bits, r) for r in range(1, MR + 1)]
-    a, lda, m, k, packed, n, c, ldc, accumulate = fn.args
+    a, row_stride, k_stride, m, k, packed, n, c, ldc, accumulate = fn.args
     fn.attributes.add("nounwind")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     nr_c = ir.Constant(_i64, nr)
@@ -173,7 +174,7 @@ def _gemm_function(module: ir.Module, bits: int) -> ir.Function:
                     bigger = b.icmp_signed("<", blk, extra)
                     rows = b.add(base, b.zext(bigger, _i64))
                     row0 = b.add(b.mul(blk, base), b.select(bigger, blk, extra))
-                    a_rows = b.gep(a, [b.add(b.mul(row0, lda), k0)])
+                    a_rows = b.gep(a, [b.add(b.mul(row0, row_stride), b.mul(k0, k_stride))])
                     c_tile = b.gep(c, [b.add(b.mul(row0, ldc), col0)])
                     switch_end = b.append_basic_block("rows.end")
                     switch = b.switch(rows, switch_end)
@@ -181,7 +182,7 @@ def _gemm_function(module: ir.Module, bits: int) -> ir.Function:
                         case = b.append_basic_block(f"rows{r}")
                         switch.add_case(ir.Constant(_i64, r), case)
                         b.position_at_end(case)
-                        b.call(kernel, [a_rows, lda, kc, panel, c_tile, ldc, cols, add])
+                        b.call(kernel, [a_rows, row_stride, k_stride, kc, panel, c_tile, ldc, cols, add])
                         b.branch(switch_end)
                     b.position_at_end(switch_end)
     b.ret_void()
@@ -283,22 +284,28 @@ def pack_panels(typingctx, w, transposed, packed):
 
 
 @intrinsic
-def packed_gemm(typingctx, a, packed, c, accumulate):
-    """c (+)= a @ w for w packed by `pack_panels`; a (M x K) and c (M x N) are 2-D arrays whose rows
-    are contiguous (row strides may exceed the width: views of wider buffers)."""
+def packed_gemm(typingctx, a, a_transposed, packed, c, accumulate):
+    """c (+)= a @ w for w packed by `pack_panels`; a (M x K) and c (M x N) are C-contiguous 2-D
+    arrays. With `a_transposed`, `a` holds the K x M array whose transpose is multiplied, read in
+    place (the kernel's per-k loads of a block's rows are then contiguous)."""
     bits = _float_bits(a)
     if bits is None or _float_bits(packed) != bits or _float_bits(c) != bits or a.ndim != 2 or c.ndim != 2:
         return None
-    sig = types.void(a, packed, c, accumulate)
+    sig = types.void(a, a_transposed, packed, c, accumulate)
 
     def codegen(context, builder, signature, args):
-        a_v, packed_v, c_v, acc_v = args
+        a_v, trans_v, packed_v, c_v, acc_v = args
         size = ir.Constant(_i64, bits // 8)
+        one = ir.Constant(_i64, 1)
         a_data, a_shape, a_strides = _array_parts(context, builder, signature.args[0], a_v)
-        c_data, c_shape, c_strides = _array_parts(context, builder, signature.args[2], c_v)
+        c_data, c_shape, c_strides = _array_parts(context, builder, signature.args[3], c_v)
+        lda = builder.sdiv(a_strides[0], size)
+        trans = builder.icmp_signed("!=", trans_v, trans_v.type(0))
+        row_stride, k_stride = builder.select(trans, one, lda), builder.select(trans, lda, one)
+        m, k = builder.select(trans, a_shape[1], a_shape[0]), builder.select(trans, a_shape[0], a_shape[1])
         fn = _gemm_function(builder.module, bits)
-        builder.call(fn, [a_data, builder.sdiv(a_strides[0], size), a_shape[0], a_shape[1],
-                          _aligned(builder, _data(context, builder, signature.args[1], packed_v)), c_shape[1],
+        builder.call(fn, [a_data, row_stride, k_stride, m, k,
+                          _aligned(builder, _data(context, builder, signature.args[2], packed_v)), c_shape[1],
                           c_data, builder.sdiv(c_strides[0], size),
                           builder.zext(builder.icmp_signed("!=", acc_v, acc_v.type(0)), _i32)])
         return context.get_dummy_value()
