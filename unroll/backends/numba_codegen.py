@@ -65,6 +65,7 @@ class Val:
     root: str | None = None
     tbase: str | None = None   # for 2-D transposes of a plain array: that array's expression
     fn: Callable[[Sequence[str]], str] | None = None  # a virtual value (pad, concat): its element
+    parts: tuple[int, list] | None = None  # a virtual concat: (axis, [(start or None, part Val)])
     packed: str | None = None  # a loop-invariant weight: its panels packed for numba_gemm.packed_gemm
 
     def elem(self, index: Sequence[str]) -> str:
@@ -309,6 +310,14 @@ class Codegen:
         return names, indent
 
     def copy(self, scope: Scope, src: Val, dst: Val, node: Node | None) -> None:
+        if src.parts is not None and src.shape == dst.shape:
+            # a virtual concat (a convolution's im2col columns) part by part: each part's loops
+            # copy contiguous runs, where one loop over the whole chose its part per element (a
+            # branch chain that kept the copy scalar)
+            axis, parts = src.parts
+            for start, part in parts:
+                self.copy(scope, part, _offset_view(dst, part.shape, axis, start), node)
+            return
         idx, indent = self.nest(scope, dst.shape, node)
         scope.block.add(indent, f"{dst.elem(idx)} = {src.elem(_bcast(idx, src.shape, dst.shape))}", node)
 
@@ -878,7 +887,9 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
                 e = vals[k].elem(moved)
                 expr = e if not expr else f"({e} if {i} < {cg.dims.offset(starts[k + 1])} else {expr})"
             return expr
-        scope.env[node] = Val(node.shape, node.dtype, fn=fn)
+        extents = [s.shape[axis] for s in node.src]
+        parts = [(cg.dims.part_offset(extents, k), v) for k, v in enumerate(vals)]
+        scope.env[node] = Val(node.shape, node.dtype, fn=fn, parts=(axis, parts))
         return
     out = cg.out_for(scope, node, "cat")
     extents = [s.shape[axis] for s in node.src]
