@@ -915,10 +915,22 @@ def emit_pad(cg: Codegen, scope: Scope, node: Node) -> None:
     bounds = [(cg.dims.offset(lo), cg.dims.offset(lo + d)) for (lo, _), d in zip(pads, node.src[0].shape)]
     padded = [k for k, (lo, hi) in enumerate(pads) if lo or hi]
 
+    extents = [cg.dims.n(d) for d in node.src[0].shape]
+
     def fn(index: Sequence[str]) -> str:
         shifted = [f"{i} - {lo}" if lo != "0" else i for i, (lo, _) in zip(index, bounds)]
         cond = " and ".join(f"{bounds[k][0]} <= {index[k]} < {bounds[k][1]}" for k in padded)
-        return f"({src.elem(shifted)} if {cond} else {zero})" if cond else src.elem(shifted)
+        if not cond:
+            return src.elem(shifted)
+        # the read is clamped into the source and always done, the condition only selects: a
+        # conditional load kept the loop scalar (a TCN's backward sums three such reads per element)
+        clamped = list(shifted)
+        for k in padded:
+            if node.src[0].shape[k] > 0:
+                clamped[k] = f"min(max({shifted[k]}, 0), {extents[k]} - 1)"
+        if any(node.src[0].shape[k] == 0 for k in padded):
+            return f"({src.elem(shifted)} if {cond} else {zero})"
+        return f"({src.elem(clamped)} if {cond} else {zero})"
     scope.env[node] = Val(node.shape, node.dtype, fn=fn)
 
 
