@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 from ..ir.node import Graph, LoopInfo, Node
 from ..ir.ops import ELEMENTWISE, FLOAT_DTYPES, Op
 from .exprs import SCALAR_EXPRS
-from .numba_gemm import ALIGN, PACKED_MAX_MACS, panel_width
+from .numba_gemm import PACKED_MAX_MACS, packed_size_text
 from .numba_kernels import LOOP_MAX_MACS
 
 Index = Callable[[Sequence[str]], list[str]]
@@ -672,10 +672,7 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
         if not accumulate:
             add(ind, "else:", node)
             add(ind + 1, f"{O}[:, :] = np.{dtype}(0.0)", node)
-        if final is not None:
-            cg.copy(scope, out, final, node)
-            out = final
-        scope.env[node] = out
+        _matmul_result(cg, scope, node, out, final)
         return
     if b.packed is not None:
         # a packed loop-invariant weight: the micro-kernel up to PACKED_MAX_MACS (one thread, no
@@ -684,10 +681,7 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
         add(ind + 1, f"packed_gemm({A}, {int(ta)}, {b.packed}, {O}, {int(accumulate)})", node)
         add(ind, "else:", node)
         add(ind + 1, blas, node)
-        if final is not None:
-            cg.copy(scope, out, final, node)
-            out = final
-        scope.env[node] = out
+        _matmul_result(cg, scope, node, out, final)
         return
     # small products: loops (no call overhead); large: BLAS. Decided at run time (sizes are dims)
     add(ind, f"if {m} * {k} * {n} < {LOOP_MAX_MACS}:", node)
@@ -711,6 +705,11 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
         add(ind + 3, f"{O}[i0, i2] {'+' if accumulate else ''}= {acc}", node)
     add(ind, "else:", node)
     add(ind + 1, blas, node)
+    _matmul_result(cg, scope, node, out, final)
+
+
+def _matmul_result(cg: Codegen, scope: Scope, node: Node, out: Val, final: Val | None) -> None:
+    """The product is in `out`; where its destination is a view BLAS cannot write (`final`), copy it there."""
     if final is not None:
         cg.copy(scope, out, final, node)
         out = final
@@ -915,6 +914,10 @@ def emit_pad(cg: Codegen, scope: Scope, node: Node) -> None:
     bounds = [(cg.dims.offset(lo), cg.dims.offset(lo + d)) for (lo, _), d in zip(pads, node.src[0].shape)]
     padded = [k for k, (lo, hi) in enumerate(pads) if lo or hi]
 
+    # reads are clamped into the source and always done, the condition only selects: a
+    # conditional load kept loops scalar (a TCN's backward sums three such reads per element).
+    # An empty source has nothing to clamp into: all reads are zeros, behind the condition.
+    clamp = all(node.src[0].shape[k] > 0 for k in padded)
     extents = [cg.dims.n(d) for d in node.src[0].shape]
 
     def fn(index: Sequence[str]) -> str:
@@ -922,15 +925,9 @@ def emit_pad(cg: Codegen, scope: Scope, node: Node) -> None:
         cond = " and ".join(f"{bounds[k][0]} <= {index[k]} < {bounds[k][1]}" for k in padded)
         if not cond:
             return src.elem(shifted)
-        # the read is clamped into the source and always done, the condition only selects: a
-        # conditional load kept the loop scalar (a TCN's backward sums three such reads per element)
-        clamped = list(shifted)
-        for k in padded:
-            if node.src[0].shape[k] > 0:
-                clamped[k] = f"min(max({shifted[k]}, 0), {extents[k]} - 1)"
-        if any(node.src[0].shape[k] == 0 for k in padded):
-            return f"({src.elem(shifted)} if {cond} else {zero})"
-        return f"({src.elem(clamped)} if {cond} else {zero})"
+        if clamp:
+            shifted = [f"min(max({i}, 0), {extents[k]} - 1)" if k in padded else i for k, i in enumerate(shifted)]
+        return f"({src.elem(shifted)} if {cond} else {zero})"
     scope.env[node] = Val(node.shape, node.dtype, fn=fn)
 
 
@@ -1076,9 +1073,8 @@ def _packed_weight(cg: Codegen, scope: Scope, holder: Scope, val: Val, node: Nod
         val = cg.materialize(scope, val, node)
     k, n = (cg.dims.n(d) for d in val.shape)
     bits = 32 if val.dtype == "float32" else 64
-    nr = panel_width(bits)
     name = cg.fresh("pk")
-    size = f"-(-{n} // {nr}) * {k} * {nr} + {ALIGN * 8 // bits}"
+    size = packed_size_text(k, n, bits)
     holder.alloc.add(holder.alloc_indent, f"{name} = np.empty({size}, np.{val.dtype})", node)  # type: ignore[union-attr]
     trans = val.tbase is not None
     scope.block.add(scope.indent, f"pack_panels({val.tbase if trans else val.arr}, {int(trans)}, {name})", node)

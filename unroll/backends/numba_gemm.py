@@ -247,8 +247,15 @@ def _aligned(builder, ptr: ir.Value) -> ir.Value:
     return builder.inttoptr(rounded, ptr.type)
 
 
+def packed_size_text(k: str, n: str, dtype_bits: int) -> str:
+    """The expression (in K and N) for the elements to allocate for a packed K x N weight: the
+    panels plus room to align them."""
+    nr = panel_width(dtype_bits)
+    return f"-(-{n} // {nr}) * {k} * {nr} + {ALIGN * 8 // dtype_bits}"
+
+
 def packed_size(k: int, n: int, dtype_bits: int) -> int:
-    """Elements to allocate for a packed K x N weight (panels plus room to align them)."""
+    """packed_size_text's value for given K and N."""
     nr = panel_width(dtype_bits)
     return -(-n // nr) * k * nr + ALIGN * 8 // dtype_bits
 
