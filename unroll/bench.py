@@ -88,10 +88,14 @@ def header() -> dict[str, Any]:
         import numba
         info["numba"] = numba.__version__
         info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
-        info["numba_generated_code"] = "single-threaded (no prange); large matmuls call scipy's OpenBLAS"
         from unroll.backends import numba_cpu
+        from unroll.backends.numba_gemm import PACKED_MAX_MACS
+        info["numba_generated_code"] = (
+            "single-threaded (no prange); per-step products by a weight up to "
+            f"{PACKED_MAX_MACS // 2 ** 20}M multiply-adds: packed-weight micro-kernel, other large ones: scipy's OpenBLAS")
         info["UNROLL_NUMBA_BLAS_THREADS (scipy OpenBLAS used by numba code)"] = numba_cpu.BLAS_THREADS
-        info["UNROLL_NUMBA_BLAS_LOOP_THREADS (the same, inside time loops)"] = numba_cpu.BLAS_LOOP_THREADS
+        info["UNROLL_NUMBA_BLAS_LOOP_THREADS (the same, for BLAS products inside time loops)"] = \
+            numba_cpu.BLAS_LOOP_THREADS
         info["glibc keeps freed memory (UNROLL_MALLOC_TUNING, process-wide)"] = numba_cpu.MALLOC_TUNED
     except ImportError:
         pass
