@@ -4,8 +4,9 @@ A training step is forward + BPTT with an MSE loss on every time step, returning
 gradient of every parameter. Cells: RNN (tanh), LSTM, GRU and a TCN (4 levels, kernel 3, dilations
 1, 2, 4, 8, H channels). Configurations (T, B, I, H) are `CONFIGS` plus any given as `T,B,I,H`.
 
-Implementations, all timed in the same process after warm-up (median of repeats; the first call,
-which includes compilation, is reported separately):
+Implementations, all timed in the same process after a short rest (other libraries' idle threads
+stop spinning) and a warm-up (median of repeats; the first call, which includes compilation, is
+reported separately):
   numpy          unroll's reference interpreter
   numba          unroll's Numba CPU backend with the default passes (ur.optimize)
   numba-<pass>   the same with one pass of the pipeline switched off (--ablations), numba-O0 with none
@@ -335,6 +336,8 @@ def jax_step(cell: str, T: int, B: int, I: int, H: int) -> tuple[Step, dict]:  #
 
 # ---- measuring -----------------------------------------------------------------------------------
 
+SETTLE_S = 0.3  # seconds of rest before each implementation's warm-up (see measure)
+
 def measure(row: Row, make: Callable[[], tuple[Step, dict]], repeats: int, budget_s: float,
             memory: bool = True) -> Row:
     """Build (timed as part of the first call), warm up, then time `repeats` calls (fewer when one
@@ -345,6 +348,10 @@ def measure(row: Row, make: Callable[[], tuple[Step, dict]], repeats: int, budge
         step()
         row.first_ms = 1e3 * (time.perf_counter() - t0)
         row.extra.update(info)
+        # let the previous implementation's idle threads stop spinning first (OpenBLAS workers spin
+        # for about 0.1 s after a call, OpenMP's for a while too): on a 2-core machine they take
+        # the core that this implementation's own threads, or its caller, needs
+        time.sleep(SETTLE_S)
         step()  # warm-up
         times: list[float] = []
         started = time.perf_counter()
