@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import unroll as ur
+from unroll.bench import torch_tcn
 
 torch = pytest.importorskip("torch")
-from test_nn_torch import TorchTCN  # noqa: E402  (Bai et al.'s TCN without weight_norm/dropout)
 
 torch.set_num_threads(1)
 
@@ -125,7 +125,7 @@ def test_recurrent_gradients_match_torch(kind, bidirectional, case):
        dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
 def test_tcn_gradients_match_torch(T, B, I, channels, k, dtype, seed):
     torch.manual_seed(seed)
-    ref = TorchTCN(I, channels, k).to(TORCH_DTYPE[dtype])
+    ref = torch_tcn(torch, I, channels, k, seq_first=True).to(TORCH_DTYPE[dtype])
     model = ur.nn.TCN(I, channels, kernel_size=k, dtype=dtype)
     load(model, ref)
     rng = np.random.default_rng(seed)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import unroll as ur
+from unroll.bench import torch_tcn
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -107,45 +108,13 @@ def test_unbatched_input_matches_torch(kind: str) -> None:
 
 # ---- TCN and its convolutions ---------------------------------------------------------------------
 
-class TorchTemporalBlock(torch.nn.Module):
-    """Bai et al.'s TemporalBlock without weight_norm or dropout: Conv1d padded by (k-1)*d on both
-    sides, then the last (k-1)*d steps chomped."""
-
-    def __init__(self, n_in: int, n_out: int, k: int, d: int) -> None:
-        super().__init__()
-        self.pad = (k - 1) * d
-        self.conv1 = torch.nn.Conv1d(n_in, n_out, k, padding=self.pad, dilation=d)
-        self.conv2 = torch.nn.Conv1d(n_out, n_out, k, padding=self.pad, dilation=d)
-        self.downsample = torch.nn.Conv1d(n_in, n_out, 1) if n_in != n_out else None
-
-    def chomp(self, x):
-        return x[:, :, :-self.pad] if self.pad else x
-
-    def forward(self, x):
-        out = torch.relu(self.chomp(self.conv1(x)))
-        out = torch.relu(self.chomp(self.conv2(out)))
-        res = x if self.downsample is None else self.downsample(x)
-        return torch.relu(out + res)
-
-
-class TorchTCN(torch.nn.Module):
-    def __init__(self, n_in: int, channels: list[int], k: int) -> None:
-        super().__init__()
-        self.network = torch.nn.Sequential(*[
-            TorchTemporalBlock(n_in if i == 0 else channels[i - 1], c, k, 2 ** i)
-            for i, c in enumerate(channels)])
-
-    def forward(self, x):  # (T, B, C) -> (T, B, C') like ours; torch convs want (B, C, T)
-        return self.network(x.permute(1, 2, 0)).permute(2, 0, 1)
-
-
 @settings(max_examples=12)
 @given(T=st.integers(1, 12), B=st.integers(1, 3), I=st.integers(1, 4),
        channels=st.lists(st.integers(1, 5), min_size=2, max_size=3), k=st.integers(1, 3),
        dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
 def test_tcn_matches_torch(T, B, I, channels, k, dtype, seed) -> None:
     torch.manual_seed(seed)
-    ref = TorchTCN(I, channels, k).to(TORCH_DTYPE[dtype])
+    ref = torch_tcn(torch, I, channels, k, seq_first=True).to(TORCH_DTYPE[dtype])
     model = ur.nn.TCN(I, channels, kernel_size=k, dtype=dtype)
     assert list(model.state_dict()) == list(ref.state_dict())
     # torch's default init makes the blocks do visible work (ours starts at N(0, 0.01) like Bai's)

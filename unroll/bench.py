@@ -218,7 +218,7 @@ def torch_step(cell: str, T: int, B: int, I: int, H: int, device: str = "cpu") -
     xv, yv = make_data(T, B, I, H)
     x, y = torch.from_numpy(xv).to(device), torch.from_numpy(yv).to(device)
     if cell == "tcn":
-        model = _torch_tcn(torch, I, H)
+        model = torch_tcn(torch, I, [H] * TCN_LEVELS, TCN_KERNEL)
         x = x.permute(1, 2, 0).contiguous()   # (B, C, T) for Conv1d
         y = y.permute(1, 2, 0).contiguous()
 
@@ -241,23 +241,42 @@ def torch_step(cell: str, T: int, B: int, I: int, H: int, device: str = "cpu") -
     return step, {}
 
 
-def _torch_tcn(torch: Any, I: int, H: int) -> Any:  # noqa: E741
+def torch_tcn(torch: Any, n_in: int, channels: Sequence[int], kernel: int, seq_first: bool = False) -> Any:
+    """Bai, Kolter & Koltun's TCN in PyTorch, without weight_norm and dropout: the peer in this
+    benchmark and the reference in the tests (its state_dict names are ur.nn.TCN's). Input
+    (B, C, T), or (T, B, C) like ur.nn.TCN with `seq_first`."""
     nn = torch.nn
 
-    class Block(nn.Module):
+    class TemporalBlock(nn.Module):
+        """Conv1d padded by (k-1)*d on both sides, then the last (k-1)*d steps chomped."""
+
         def __init__(self, cin: int, cout: int, dilation: int) -> None:
             super().__init__()
-            self.pad = (TCN_KERNEL - 1) * dilation
-            self.conv1 = nn.Conv1d(cin, cout, TCN_KERNEL, padding=self.pad, dilation=dilation)
-            self.conv2 = nn.Conv1d(cout, cout, TCN_KERNEL, padding=self.pad, dilation=dilation)
-            self.down = nn.Conv1d(cin, cout, 1) if cin != cout else None
+            self.pad = (kernel - 1) * dilation
+            self.conv1 = nn.Conv1d(cin, cout, kernel, padding=self.pad, dilation=dilation)
+            self.conv2 = nn.Conv1d(cout, cout, kernel, padding=self.pad, dilation=dilation)
+            self.downsample = nn.Conv1d(cin, cout, 1) if cin != cout else None
+
+        def chomp(self, x: Any) -> Any:
+            return x[..., :-self.pad] if self.pad else x
 
         def forward(self, x: Any) -> Any:
-            out = torch.relu(self.conv1(x)[..., :-self.pad])
-            out = torch.relu(self.conv2(out)[..., :-self.pad])
-            return torch.relu(out + (x if self.down is None else self.down(x)))
+            out = torch.relu(self.chomp(self.conv1(x)))
+            out = torch.relu(self.chomp(self.conv2(out)))
+            return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
 
-    return nn.Sequential(*[Block(I if i == 0 else H, H, 2 ** i) for i in range(TCN_LEVELS)])
+    class TCN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = nn.Sequential(*[TemporalBlock(n_in if i == 0 else channels[i - 1], c, 2 ** i)
+                                           for i, c in enumerate(channels)])
+
+        def forward(self, x: Any) -> Any:
+            if seq_first:
+                return self.network(x.permute(1, 2, 0)).permute(2, 0, 1)
+            return self.network(x)
+
+    return TCN()
 
 
 # ---- JAX -----------------------------------------------------------------------------------------
