@@ -15,11 +15,11 @@ import unroll as ur
 from unroll.bench import torch_tcn
 
 torch = pytest.importorskip("torch")
+from torch_reference import KINDS, TORCH_DTYPE  # noqa: E402
 
 torch.set_num_threads(1)
 
 TOL = {"float32": 1e-4, "float64": 1e-10}
-TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
 
 
 def load(model, ref, prefix=""):
@@ -51,15 +51,6 @@ def torch_grads(ref_params: dict, loss) -> dict:
 
 
 # ---- RNN / LSTM / GRU ----------------------------------------------------------------------------
-
-KINDS = {
-    "rnn_tanh": (lambda *a, **k: ur.nn.RNN(*a, nonlinearity="tanh", **k),
-                 lambda *a, **k: torch.nn.RNN(*a, nonlinearity="tanh", **k)),
-    "rnn_relu": (lambda *a, **k: ur.nn.RNN(*a, nonlinearity="relu", **k),
-                 lambda *a, **k: torch.nn.RNN(*a, nonlinearity="relu", **k)),
-    "lstm": (ur.nn.LSTM, torch.nn.LSTM),
-    "gru": (ur.nn.GRU, torch.nn.GRU),
-}
 
 recurrent_cases = st.fixed_dictionaries({
     "T": st.integers(1, 6), "B": st.integers(1, 3), "I": st.integers(1, 4), "H": st.integers(1, 4),
