@@ -364,22 +364,23 @@ def transpose_transpose(node: Node) -> Node | None:
     return None
 
 
-def reshape_reshape(node: Node) -> Node | None:
-    x = node.src[0]
-    if node.shape == x.shape:
-        return x
-    if x.op is Op.RESHAPE:
-        return b.reshape(x.src[0], node.shape)
-    return None
+def _shape_op_rule(op: Op, rebuild: Callable[[Node, tuple[int, ...]], Node],
+                   name: str) -> Callable[[Node], Node | None]:
+    """The rule for a reshape-like op (reshape, broadcast): gone when it keeps the shape, and two
+    in a row are one from the inner one's source."""
+    def rule(node: Node) -> Node | None:
+        x = node.src[0]
+        if node.shape == x.shape:
+            return x
+        if x.op is op:
+            return rebuild(x.src[0], node.shape)
+        return None
+    rule.__name__ = rule.__qualname__ = name
+    return rule
 
 
-def broadcast_broadcast(node: Node) -> Node | None:
-    x = node.src[0]
-    if node.shape == x.shape:
-        return x
-    if x.op is Op.BROADCAST:
-        return b.broadcast_to(x.src[0], node.shape)
-    return None
+reshape_reshape = _shape_op_rule(Op.RESHAPE, b.reshape, "reshape_reshape")
+broadcast_broadcast = _shape_op_rule(Op.BROADCAST, b.broadcast_to, "broadcast_broadcast")
 
 
 def canonical(triple: tuple[int, int, int]) -> tuple[int, int, int]:
