@@ -212,14 +212,17 @@ def group_elementwise(outputs: Sequence[Node]) -> list[list[Node]]:
             low = m & -m
             reads[g] |= anc[low.bit_length() - 1]
             m ^= low
+    # Each group is convex, but two can still read each other (a1 -> b1 and b2 -> a2 with a1 -> a2
+    # and b2 -> b1): as FUSED nodes they would form a cycle. Then the smallest group still waiting
+    # is not fused (its members stay ordinary nodes), which removes every cycle through it.
     ordered: list[int] = []
     pending = list(groups)
     while pending:
         for g in pending:
-            if all(h == g or h in ordered or not (reads[g] & h & ~g) for h in pending):
+            if all(h == g or not (reads[g] & h & ~g) for h in pending):
                 ordered.append(g)
                 pending.remove(g)
                 break
-        else:  # cannot happen for convex groups
-            raise AssertionError("fuse_cells: groups depend on each other cyclically")
+        else:
+            pending.remove(min(pending, key=lambda g: bin(g).count("1")))
     return [[order[i] for i in range(len(order)) if g >> i & 1] for g in ordered]
