@@ -62,17 +62,28 @@ def _float_type(bits: int) -> ir.Type:
     return ir.FloatType() if bits == 32 else ir.DoubleType()
 
 
-def _function(module: ir.Module, name: str, fnty: ir.FunctionType) -> tuple[ir.Function, bool]:
-    """The module's function `name`, and whether its body still has to be written."""
+def _function(module: ir.Module, name: str, params: list[ir.Type]) -> tuple[ir.Function, ir.IRBuilder | None]:
+    """The module's void function `name`, and a builder at its entry when its body still has to
+    be written (None when the module has it already)."""
     fn = module.globals.get(name)
     if fn is not None:
-        return fn, False
-    fn = ir.Function(module, fnty, name)
+        return fn, None
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), params), name)
     fn.linkage = "linkonce_odr"
     # one copy per module, called from every site: inlined, LLVM re-optimised the kernels at each
     # call site (compile time) for no gain (a call per row block and panel is noise)
     fn.attributes.add("noinline")
-    return fn, True
+    fn.attributes.add("nounwind")
+    return fn, ir.IRBuilder(fn.append_basic_block("entry"))
+
+
+def _ceil_div(b: ir.IRBuilder, x: ir.Value, d: ir.Value | int) -> ir.Value:
+    d = ir.Constant(_i64, d) if isinstance(d, int) else d
+    return b.sdiv(b.add(x, b.sub(d, ir.Constant(_i64, 1))), d)
+
+
+def _min(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    return b.select(b.icmp_signed("<", x, y), x, y)
 
 
 def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
@@ -82,14 +93,10 @@ def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
     lanes = VECTOR_BITS // bits
     vt = ir.VectorType(ft, lanes)
     fp = ft.as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, _i64, _i64, fp, fp, _i64, _i64, _i32])
-    fn, new = _function(module, f"unroll_gemm_f{bits}_k{rows}", fnty)
-    if not new:
+    fn, b = _function(module, f"unroll_gemm_f{bits}_k{rows}", [fp, _i64, _i64, _i64, fp, fp, _i64, _i64, _i32])
+    if b is None:
         return fn
     a, row_stride, k_stride, k, panel, c, ldc, cols, accumulate = fn.args
-    fn.attributes.add("nounwind")
-    entry = fn.append_basic_block("entry")
-    b = ir.IRBuilder(entry)
     zero = ir.Constant(vt, [0.0] * lanes)
     accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(rows)]
     vp = vt.as_pointer()
@@ -102,8 +109,9 @@ def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
                   for h in range(2)]
         for i in range(rows):
             x = b.load(b.gep(a, [b.add(b.mul(ir.Constant(_i64, i), row_stride), b.mul(kk, k_stride))]))
-            splat = b.shuffle_vector(b.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_i32, 0)),
-                                     ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes))
+            undef = ir.Constant(vt, ir.Undefined)
+            splat = b.shuffle_vector(b.insert_element(undef, x, ir.Constant(_i32, 0)), undef,
+                                     ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes))
             for h in range(2):
                 b.store(b.call(fma, [splat, halves[h], b.load(accs[i][h])]), accs[i][h])
     full = b.icmp_signed("==", cols, ir.Constant(_i64, 2 * lanes))
@@ -115,9 +123,8 @@ def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
                 for h in range(2):
                     ptr = b.bitcast(b.gep(out_row, [ir.Constant(_i64, h * lanes)]), vp)
                     value = b.load(accs[i][h])
-                    with b.if_then(add):
-                        b.store(b.fadd(value, b.load(ptr, align=bits // 8)), accs[i][h])
-                    b.store(b.load(accs[i][h]), ptr, align=bits // 8)
+                    summed = b.fadd(value, b.load(ptr, align=bits // 8))
+                    b.store(b.select(add, summed, value), ptr, align=bits // 8)
         with part:   # the last panel of an N that is not a multiple of NR: through a stack tile
             tile = cgutils.alloca_once(b, vt, size=2)   # one row of the tile, two vectors
             tile_elems = b.bitcast(tile, fp)
@@ -135,24 +142,19 @@ def _micro_kernel(module: ir.Module, bits: int, rows: int) -> ir.Function:
 
 def _gemm_function(module: ir.Module, bits: int) -> ir.Function:
     """gemm(a, row_stride, k_stride, m, k, packed, n, c, ldc, accumulate): c[:m, :n] (+)= a @ w."""
-    ft = _float_type(bits)
-    fp = ft.as_pointer()
-    nr = panel_width(bits)
-    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, _i64, _i64, _i64, fp, _i64, fp, _i64, _i32])
-    fn, new = _function(module, f"unroll_gemm_f{bits}", fnty)
-    if not new:
+    fp = _float_type(bits).as_pointer()
+    fn, b = _function(module, f"unroll_gemm_f{bits}", [fp, _i64, _i64, _i64, _i64, fp, _i64, fp, _i64, _i32])
+    if b is None:
         return fn
     kernels = [_micro_kernel(module, bits, r) for r in range(1, MR + 1)]
     a, row_stride, k_stride, m, k, packed, n, c, ldc, accumulate = fn.args
-    fn.attributes.add("nounwind")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    nr_c = ir.Constant(_i64, nr)
-    panels = b.sdiv(b.add(n, ir.Constant(_i64, nr - 1)), nr_c)
-    blocks = b.sdiv(b.add(m, ir.Constant(_i64, MR - 1)), ir.Constant(_i64, MR))
+    nr_c = ir.Constant(_i64, panel_width(bits))
+    panels = _ceil_div(b, n, nr_c)
+    blocks = _ceil_div(b, m, MR)
     kc_c = ir.Constant(_i64, KC)
-    k_blocks = b.sdiv(b.add(k, b.sub(kc_c, ir.Constant(_i64, 1))), kc_c)
     # K = 0 still runs one (empty) chunk, so that c is written (zeros) unless accumulating
-    k_blocks = b.select(b.icmp_signed("<", k_blocks, ir.Constant(_i64, 1)), ir.Constant(_i64, 1), k_blocks)
+    one = ir.Constant(_i64, 1)
+    k_blocks = b.select(b.icmp_signed("<", k, one), one, _ceil_div(b, k, kc_c))
     with b.if_then(b.icmp_signed(">", blocks, ir.Constant(_i64, 0)), likely=True):
         base = b.sdiv(m, blocks)    # rows per block: base or base + 1 (the first `extra` blocks)
         extra = b.srem(m, blocks)
@@ -160,14 +162,12 @@ def _gemm_function(module: ir.Module, bits: int) -> ir.Function:
         # row block uses them; the first chunk writes (or accumulates into) c, later ones add to it
         with cgutils.for_range(b, k_blocks) as k_loop:
             k0 = b.mul(k_loop.index, kc_c)
-            k_left = b.sub(k, k0)
-            kc = b.select(b.icmp_signed("<", k_left, kc_c), k_left, kc_c)
+            kc = _min(b, b.sub(k, k0), kc_c)
             add = b.select(b.icmp_signed(">", k0, ir.Constant(_i64, 0)), ir.Constant(_i32, 1), accumulate)
             with cgutils.for_range(b, panels) as panel_loop:
                 p = panel_loop.index
                 col0 = b.mul(p, nr_c)
-                left = b.sub(n, col0)
-                cols = b.select(b.icmp_signed("<", left, nr_c), left, nr_c)
+                cols = _min(b, b.sub(n, col0), nr_c)
                 panel = b.gep(packed, [b.mul(b.add(b.mul(k0, panels), b.mul(p, kc)), nr_c)])
                 with cgutils.for_range(b, blocks) as block_loop:
                     blk = block_loop.index
@@ -190,19 +190,17 @@ def _gemm_function(module: ir.Module, bits: int) -> ir.Function:
 
 
 def _pack_function(module: ir.Module, bits: int) -> ir.Function:
-    """pack(w, ld, k, n, transposed, packed): packed[p, kk, r] = w[kk, p*NR + r] (or w[p*NR + r, kk])."""
+    """pack(w, ld, k, n, transposed, packed): the chunk-major layout of the module docstring, from w
+    (K x N, or N x K with `transposed`)."""
     ft = _float_type(bits)
     fp = ft.as_pointer()
     nr = panel_width(bits)
-    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, _i64, _i64, _i32, fp])
-    fn, new = _function(module, f"unroll_pack_f{bits}", fnty)
-    if not new:
+    fn, b = _function(module, f"unroll_pack_f{bits}", [fp, _i64, _i64, _i64, _i32, fp])
+    if b is None:
         return fn
     w, ld, k, n, transposed, packed = fn.args
-    fn.attributes.add("nounwind")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
     nr_c = ir.Constant(_i64, nr)
-    panels = b.sdiv(b.add(n, ir.Constant(_i64, nr - 1)), nr_c)
+    panels = _ceil_div(b, n, nr_c)
     trans = b.icmp_signed("!=", transposed, ir.Constant(_i32, 0))
     kc_c = ir.Constant(_i64, KC)
     with cgutils.for_range(b, panels) as panel_loop:
@@ -211,8 +209,7 @@ def _pack_function(module: ir.Module, bits: int) -> ir.Function:
             kk = k_loop.index
             # chunk-major: chunk j of every panel, then chunk j + 1 (see the module docstring)
             k0 = b.mul(b.sdiv(kk, kc_c), kc_c)
-            kc = b.sub(k, k0)
-            kc = b.select(b.icmp_signed("<", kc, kc_c), kc, kc_c)
+            kc = _min(b, b.sub(k, k0), kc_c)
             dst = b.gep(packed, [b.mul(b.add(b.add(b.mul(k0, panels), b.mul(p, kc)), b.sub(kk, k0)), nr_c)])
             for r in range(nr):
                 col = b.add(b.mul(p, nr_c), ir.Constant(_i64, r))
