@@ -26,6 +26,7 @@ Each emitted line remembers its node, so compile errors can name the op and the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -869,29 +870,24 @@ def _offset_view(out: Val, shape: tuple[int, ...], axis: int, offset: str | None
 
 def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
     axis: int = node.arg  # type: ignore[assignment]
+    extents = [s.shape[axis] for s in node.src]
     if node in scope.virtual:
         vals = [scope.env[s] for s in node.src]
-        starts, offset = [], 0
-        for s in node.src:
-            starts.append(offset)
-            offset += s.shape[axis]
+        starts = [cg.dims.part_offset(extents, k) for k in range(len(vals))]   # None: at 0
 
         def fn(index: Sequence[str]) -> str:
             i = index[axis]
             expr = ""
             for k in range(len(vals) - 1, -1, -1):
                 moved = list(index)
-                if starts[k]:
-                    moved[axis] = f"{i} - {cg.dims.offset(starts[k])}"
+                if starts[k] is not None:
+                    moved[axis] = f"{i} - {starts[k]}"
                 e = vals[k].elem(moved)
-                expr = e if not expr else f"({e} if {i} < {cg.dims.offset(starts[k + 1])} else {expr})"
+                expr = e if not expr else f"({e} if {i} < {starts[k + 1] or 0} else {expr})"
             return expr
-        extents = [s.shape[axis] for s in node.src]
-        parts = [(cg.dims.part_offset(extents, k), v) for k, v in enumerate(vals)]
-        scope.env[node] = Val(node.shape, node.dtype, fn=fn, parts=(axis, parts))
+        scope.env[node] = Val(node.shape, node.dtype, fn=fn, parts=(axis, list(zip(starts, vals))))
         return
     out = cg.out_for(scope, node, "cat")
-    extents = [s.shape[axis] for s in node.src]
     for k, s in enumerate(node.src):
         val = scope.env[s]
         if val is scope.targets.get(s) and val.base == out.base:
@@ -1075,11 +1071,11 @@ def _packed_weight(cg: Codegen, scope: Scope, holder: Scope, val: Val, node: Nod
     bits = 32 if val.dtype == "float32" else 64
     name = cg.fresh("pk")
     size = packed_size_text(k, n, bits)
-    holder.alloc.add(holder.alloc_indent, f"{name} = np.empty({size}, np.{val.dtype})", node)  # type: ignore[union-attr]
+    alloc: Block = holder.alloc  # type: ignore[assignment]
+    alloc.add(holder.alloc_indent, f"{name} = np.empty({size}, np.{val.dtype})", node)
     trans = val.tbase is not None
     scope.block.add(scope.indent, f"pack_panels({val.tbase if trans else val.arr}, {int(trans)}, {name})", node)
-    return Val(val.shape, val.dtype, base=val.base, idx=val.idx, arr=val.arr, plain=val.plain, root=val.root,
-               tbase=val.tbase, packed=name)
+    return dataclasses.replace(val, packed=name)
 
 
 def _step_view(val: Val, t: str, plain: bool = False) -> Val:
