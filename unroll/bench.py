@@ -93,7 +93,8 @@ def header() -> dict[str, Any]:
         from unroll.backends.numba_gemm import PACKED_MAX_MACS
         info["numba_generated_code"] = (
             "single-threaded (no prange); per-step products by a weight up to "
-            f"{PACKED_MAX_MACS // 2 ** 20}M multiply-adds: packed-weight micro-kernel, other large ones: scipy's OpenBLAS")
+            f"{PACKED_MAX_MACS // 2 ** 20}M multiply-adds: packed-weight micro-kernel, "
+            "other large ones: scipy's OpenBLAS")
         info["UNROLL_NUMBA_BLAS_THREADS (scipy OpenBLAS used by numba code)"] = numba_cpu.BLAS_THREADS
         info["UNROLL_NUMBA_BLAS_LOOP_THREADS (the same, for BLAS products inside time loops)"] = \
             numba_cpu.BLAS_LOOP_THREADS
@@ -357,6 +358,7 @@ def jax_step(cell: str, T: int, B: int, I: int, H: int) -> tuple[Step, dict]:  #
 
 SETTLE_S = 0.3  # seconds of rest before each implementation's warm-up (see measure)
 
+
 def measure(row: Row, make: Callable[[], tuple[Step, dict]], repeats: int, budget_s: float,
             memory: bool = True) -> Row:
     """Build (timed as part of the first call), warm up, then time `repeats` calls (fewer when one
@@ -422,8 +424,7 @@ def parse_config(text: str) -> tuple[str, tuple[int, int, int, int]]:
     except ValueError:
         dims = ()
     if len(dims) != 4 or min(dims) < 1:
-        raise ValueError(f"config {text!r}: expected one of {', '.join({**CONFIGS, **GPU_CONFIGS})} or T,B,I,H "
-                         f"(positive ints)")
+        raise ValueError(f"config {text!r}: expected one of {', '.join(named)} or T,B,I,H (positive ints)")
     return text, dims  # type: ignore[return-value]
 
 
