@@ -26,7 +26,7 @@ import os
 import time
 
 # Before numpy loads OpenBLAS: one thread is fastest for these small matrices, and more threads
-# oversubscribe a shared 2-core machine (ECOSYSTEM.md saw a 25 ms step take 5.5 s).
+# oversubscribe a shared 2-core machine (a 25 ms step took 5.5 s on one).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np

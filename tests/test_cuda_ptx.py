@@ -42,8 +42,8 @@ pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 
 def _program(graph, **options):
-    from unroll.backends.cuda_loop import DeviceProps
-    from unroll.backends.numba_cuda import build_program
+    from unroll.backends.cuda.loop import DeviceProps
+    from unroll.backends.cuda.backend import build_program
     return build_program(graph, DeviceProps(), **options)
 
 
@@ -64,7 +64,7 @@ def _ptx(spec, cc) -> str:
     """PTX of a generated kernel (memoized: several tests look at the same kernel)."""
     from numba import cuda
 
-    from unroll.backends.cuda_runtime import python_function
+    from unroll.backends.cuda.runtime import python_function
     key = (spec.digest, cc)
     if key not in _PTX:
         _PTX[key], _ = cuda.compile_ptx(python_function(spec), spec.signature, cc=cc)

@@ -8,7 +8,7 @@ run once, all together, in a child `python -m pytest` of this very file with the
 that check's result from the child's junit XML. The simulator runs one Python thread per CUDA
 thread, so sizes are tiny and kernels use one or two blocks of 32 threads; it cannot synchronize
 blocks, so persistent kernels run there with one block. Multi-block persistent kernels (grid
-barriers, work split, sync placement) are checked with `cuda_gridsim`, which runs all threads of
+barriers, work split, sync placement) are checked with `cuda.gridsim`, which runs all threads of
 all blocks at once, in the normal process.
 """
 
@@ -173,7 +173,7 @@ def gru_training_step_host_loop() -> None:
 
 @sim_check
 def failed_persistent_kernel_falls_back_to_host_loop() -> None:
-    from unroll.backends import cuda_runtime as rt
+    from unroll.backends.cuda import runtime as rt
     real = rt.kernel
 
     def failing(spec):
@@ -306,10 +306,10 @@ def test_simulator(name: str, simulator_results) -> None:
 
 
 def _emulate(graph: ur.Graph, feeds: dict, blocks: int | None, **options) -> tuple[list, object]:
-    from unroll.backends.cuda_gridsim import emulate_program
-    from unroll.backends.cuda_kernels import Tuning
-    from unroll.backends.cuda_loop import DeviceProps
-    from unroll.backends.numba_cuda import build_program
+    from unroll.backends.cuda.gridsim import emulate_program
+    from unroll.backends.cuda.kernels import Tuning
+    from unroll.backends.cuda.loop import DeviceProps
+    from unroll.backends.cuda.backend import build_program
     program = build_program(graph, DeviceProps(sm_count=8), blocks=blocks, threads=16,
                             tuning=Tuning(threads=16, max_blocks=2, mm_tile=(4, 4, 2, 2, 2), reduce_blocks=2),
                             **options)
@@ -334,7 +334,7 @@ def test_multiblock_persistent_training_step(cell: str, blocks: int, sync: str) 
 @pytest.mark.skipif(CHILD, reason="runs in the parent process")
 def test_emulator_catches_missing_grid_barriers(monkeypatch) -> None:
     """Without its barriers the same kernel races: the emulator is able to see it."""
-    from unroll.backends import cuda_loop
+    from unroll.backends.cuda import loop as cuda_loop
     graph, feeds, _ = training_graph("lstm", T=3, B=2, I=3, H=8)
     monkeypatch.setattr(cuda_loop._Planner, "_place_syncs", lambda self, stages: None)
     wrong = 0
@@ -387,8 +387,8 @@ def test_random_graphs_emulated() -> None:
 
 @pytest.mark.skipif(CHILD, reason="runs in the parent process")
 def test_plan_is_built_without_a_device() -> None:
-    from unroll.backends.cuda_loop import DeviceProps
-    from unroll.backends.numba_cuda import build_program
+    from unroll.backends.cuda.loop import DeviceProps
+    from unroll.backends.cuda.backend import build_program
     graph, _, _ = training_graph("lstm", T=50, B=16, I=32, H=64)
     program = build_program(graph, DeviceProps())
     fwd, bwd = program.plan
@@ -426,7 +426,7 @@ def test_import_unroll_does_not_import_numba() -> None:
 
 @pytest.mark.skipif(CHILD, reason="runs in the parent process")
 def test_unknown_option_is_rejected() -> None:
-    from unroll.backends.numba_cuda import build_program
+    from unroll.backends.cuda.backend import build_program
     x = ur.input("x", (2,))
     with pytest.raises(TypeError, match="unknown options bogus"):
         build_program(b.tanh(x), bogus=1)

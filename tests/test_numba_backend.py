@@ -17,7 +17,8 @@ pytest.importorskip("numba")
 pytest.importorskip("scipy")
 
 import unroll as ur  # noqa: E402
-from unroll.backends import numba_cpu, numpy_ref  # noqa: E402
+from unroll.backends import numpy_ref
+from unroll.backends.cpu import backend as numba_cpu  # noqa: E402
 from unroll.ir import Op  # noqa: E402
 from unroll.ir.autodiff import grad  # noqa: E402
 
@@ -44,7 +45,7 @@ def assert_same(graph: ur.Graph, feeds: dict[str, np.ndarray], optimize: bool = 
                 atol: float = 2e-5) -> None:
     args = [feeds[n] for n in graph.input_names]
     expected = numpy_ref.compile_graph(graph)(args)
-    got = numba_cpu.compile_graph(graph, optimize=optimize)(args)
+    got = numba_cpu.compile_graph(graph, passes=numba_cpu.PASSES if optimize else ())(args)
     assert len(got) == len(expected)
     for e, g in zip(expected, got):
         assert g.shape == e.shape and g.dtype == e.dtype, (g.shape, g.dtype, e.shape, e.dtype)
@@ -152,7 +153,7 @@ def test_per_step_products_by_a_weight_use_the_packed_kernel(monkeypatch, packed
     """The recurrent products pack W_hh once before each loop and call the micro-kernel; above
     PACKED_MAX_MACS (here: 0, every product) the same code calls BLAS instead. Both equal the
     reference."""
-    from unroll.backends import numba_codegen
+    from unroll.backends.cpu import codegen as numba_codegen
     if packed_max_macs is not None:
         monkeypatch.setattr(numba_codegen, "PACKED_MAX_MACS", packed_max_macs)
     g, feeds = _cell_graph("rnn", 7, 9, 5, 18)   # 9 rows: blocks 5 + 4; 18 columns: a partial panel
@@ -269,7 +270,7 @@ def test_no_recompilation_for_new_sequence_length_or_batch():
 _CACHE_SCRIPT = textwrap.dedent("""
     import json, sys, numpy as np
     import unroll as ur
-    from unroll.backends import numba_cpu
+    from unroll.backends.cpu import backend as numba_cpu
     from unroll.ir.autodiff import grad
     x = ur.input("x", (6, 2, 3)); y = ur.input("y", (6, 2, 4))
     lstm = ur.nn.LSTM(3, 4)
@@ -310,7 +311,7 @@ def test_import_unroll_does_not_import_numba():
 # ---- errors --------------------------------------------------------------------------------------
 
 def test_numba_failure_names_the_op_and_source_line(monkeypatch):
-    from unroll.backends import numba_codegen
+    from unroll.backends.cpu import codegen as numba_codegen
     real = numba_codegen.scalar_statements
 
     def broken(op, dtype, in_dtype, operands, name):
@@ -320,7 +321,7 @@ def test_numba_failure_names_the_op_and_source_line(monkeypatch):
     x = ur.input("x", (3,))
     g = ur.graph([ur.log1p(ur.abs(x)) * 2.0])
     with pytest.raises(numba_cpu.NumbaBackendError) as info:
-        numba_cpu.compile_graph(g, optimize=False)
+        numba_cpu.compile_graph(g, passes=())
     message = str(info.value)
     assert "log1p" in message and "test_numba_backend.py" in message and ".py:" in message
     assert "Traceback" not in message
@@ -354,7 +355,7 @@ def test_tcn_source_does_not_depend_on_offsets_equal_to_sizes():
     """Paddings of 2 and 4 (kernel 3, dilations 1, 2) equal B in two graphs and not in the third: the
     offsets are named per use, so all get one source (no second compile). Sizes avoid coincidences
     among themselves (T == 3 * 5 would give another, equally valid, source)."""
-    from unroll.backends import numba_codegen
+    from unroll.backends.cpu import codegen as numba_codegen
 
     def source(T: int, B: int) -> str:
         x = ur.input("x", (T, B, 3))
@@ -366,7 +367,7 @@ def test_tcn_source_does_not_depend_on_offsets_equal_to_sizes():
 
 
 def test_dims_helper_keeps_simple_constants_literal():
-    from unroll.backends.numba_codegen import Dims
+    from unroll.backends.cpu.codegen import Dims
     d = Dims()
     assert d.f(0.5, "float32") == "np.float32(0.5)"
     assert d.f(1 / 6400, "float32") == "k0"
@@ -376,7 +377,7 @@ def test_dims_helper_keeps_simple_constants_literal():
 
 def test_blas_thread_policy_is_read_from_the_environment():
     """One BLAS thread per core by default, inside time loops as outside; each count can be set."""
-    code = "from unroll.backends import numba_cpu as n; print(n.BLAS_CONTROL[1], n.BLAS_CONTROL[2])"
+    code = "from unroll.backends.cpu import backend as n; print(n.BLAS_CONTROL[1], n.BLAS_CONTROL[2])"
     env = {**os.environ, "UNROLL_NUMBA_BLAS_THREADS": "2", "UNROLL_NUMBA_BLAS_LOOP_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)

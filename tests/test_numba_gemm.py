@@ -1,4 +1,4 @@
-"""The packed-weight micro-kernel (numba_gemm) equals numpy's product on random shapes: partial
+"""The packed-weight micro-kernel (backends.cpu.gemm) equals numpy's product on random shapes: partial
 panels, K across chunk boundaries, row blocks of every size, transposed weights, accumulation."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ pytest.importorskip("numba")
 
 from numba import njit  # noqa: E402
 
-from unroll.backends.numba_gemm import KC, MR, pack_panels, packed_gemm, packed_size, panel_width  # noqa: E402
+from unroll.backends.cpu.gemm import KC, MR, pack_panels, packed_gemm, packed_size, panel_width  # noqa: E402
 
 
 @njit(cache=False)

@@ -1,8 +1,12 @@
-"""`ur.compile`: pick a backend, check the caller's arrays, and return a callable.
+"""`ur.compile`: pick a backend, resolve its pass pipeline, check the caller's arrays, return a callable.
 
-A backend module exposes `compile_graph(graph) -> fn(list_of_arrays) -> list_of_arrays` and may set
-`FLEXIBLE_SHAPES = True` when its code reads sizes from the arrays (then only ranks, dtypes and the
-non-time/batch dims fixed by the weights are checked by the backend itself).
+A backend module (listed in `unroll.backends.BACKENDS`) exposes
+`compile_graph(graph, passes, **options) -> fn(list_of_arrays) -> list_of_arrays` and `PASSES`, the
+names of the `ir.optimize` passes it wants, in order. `pass_pipeline` is the one place that turns
+that declaration and the user's `optimize=` / `passes=` into the list a backend runs; the backend
+runs exactly that list (the Numba backend first looks for a recorded result of it in its cache).
+A module may set `FLEXIBLE_SHAPES = True` when its code reads sizes from the arrays (then only
+ranks, dtypes and the non-time/batch dims fixed by the weights are checked by the backend itself).
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .backends import BACKENDS
 from .ir.loops import merge_loops
 from .ir.node import Graph, Node
 from .ir.ops import FLOAT_DTYPES, INT_DTYPES
+from .ir.optimize import PASSES as KNOWN_PASSES
 
-BACKENDS = {
-    "numpy": "unroll.backends.numpy_ref",
-    "numba": "unroll.backends.numba_cpu",
-    "cuda": "unroll.backends.numba_cuda",
-}
+Pass = Any  # a pass name, a Graph -> Graph function, or a (name, function) pair
+
+# disabling a pass also disables the passes that are its variants
+_VARIANTS = {"fuse_cells": ("fuse_top_level",)}
 
 
 class FeedError(ValueError):
@@ -102,9 +107,41 @@ def _coerce(name: str, node: Node, value: Any, flexible: bool) -> np.ndarray:
     return np.asarray(arr, dtype=want, order="C")  # ascontiguousarray would make a 0-d feed 1-d
 
 
-def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", **options: Any) -> Compiled:  # noqa: A001
+def pass_pipeline(backend: str, optimize: bool = True, passes: dict | None = None) -> tuple[Pass, ...]:
+    """The passes `backend` runs on a graph: its declared `PASSES`, or `passes["passes"]` in their
+    place, minus the names in `passes["disable"]`; none with `optimize=False`."""
+    module = backend_module(backend)
+    options = dict(passes or {})
+    unknown = sorted(set(options) - {"passes", "disable"})
+    if unknown:
+        raise TypeError(f"compile: passes= takes the keys 'passes' and 'disable', found {unknown}")
+    if not optimize:
+        return ()
+    chosen = tuple(options.get("passes") or module.PASSES)
+    names = [p if isinstance(p, str) else p[0] if isinstance(p, tuple) else None for p in chosen]
+    bad = [p for p in names if p is not None and p not in KNOWN_PASSES]
+    disable = tuple(options.get("disable", ()))
+    bad += [d for d in disable if d not in KNOWN_PASSES]
+    if bad:
+        raise ValueError(f"compile: unknown pass(es) {bad}; expected names from {', '.join(KNOWN_PASSES)}")
+    off = set(disable) | {v for d in disable for v in _VARIANTS.get(d, ())}
+    return tuple(p for p, name in zip(chosen, names) if name not in off)
+
+
+def backend_module(backend: str) -> Any:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKENDS[backend])
+
+
+def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", optimize: bool = True,  # noqa: A001
+            passes: dict | None = None, **options: Any) -> Compiled:
     """Compile a node, a list of nodes or a Graph. Called with arrays by input name, the result
-    returns one array for a single node, else a list in output order."""
+    returns one array for a single node, else a list in output order.
+
+    The backend runs `pass_pipeline(backend, optimize, passes)` on the graph first: its own
+    declared passes (`unroll.backends.<target>.PASSES`), `passes={"passes": [...]}` to replace
+    them, `passes={"disable": ("hoist",)}` to drop some, `optimize=False` for none."""
     single = isinstance(outputs, Node)
     if isinstance(outputs, Graph):
         graph = outputs
@@ -115,9 +152,7 @@ def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", **op
     merged = merge_loops(list(graph.outputs))
     if any(a is not b for a, b in zip(merged, graph.outputs)):
         graph = Graph(graph.inputs, tuple(merged), graph.output_names)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    module = importlib.import_module(BACKENDS[backend])
-    compiled = module.compile_graph(graph, **options)
+    module = backend_module(backend)
+    compiled = module.compile_graph(graph, passes=pass_pipeline(backend, optimize, passes), **options)
     return Compiled(graph, backend, compiled, single, getattr(module, "FLEXIBLE_SHAPES", False),
                     impl=getattr(compiled, "impl", compiled))

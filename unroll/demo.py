@@ -169,7 +169,7 @@ def pick_backend(requested: str, say: _Out) -> str:
     if requested != "auto":
         return requested
     try:
-        importlib.import_module("unroll.backends.numba_cpu")  # imports numba
+        importlib.import_module("unroll.backends.cpu")  # imports numba
     except Exception as err:  # noqa: BLE001 - any failure (missing, broken install): use the reference
         say(f"  (numba backend unavailable: {type(err).__name__}: {err}; using numpy)")
         return "numpy"

@@ -181,7 +181,7 @@ def _warm_one(task: tuple) -> tuple:
     cell, dims, options = task
     t0 = time.time()
     try:
-        from unroll.backends import cuda_runtime as rt
+        from unroll.backends.cuda import runtime as rt
         step, _, _ = compile_cuda(cell, dims, options)
         for spec in step.impl.program.specs():
             rt.kernel(spec)
@@ -325,7 +325,7 @@ def bench_one(cell: str, config: str, dims: tuple, peers: dict, rows: list, opti
         row["cuda_graph"] = step.impl.cuda_graph_status
         row["kernels"] = len(step.impl.program.specs())
         res = []
-        from unroll.backends import cuda_runtime as rt
+        from unroll.backends.cuda import runtime as rt
         for spec in step.impl.program.specs():
             if spec.name.startswith("persistent"):
                 res.append({spec.name: rt.kernel(spec).resources})

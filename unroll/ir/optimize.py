@@ -20,7 +20,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .fuse_cells import fuse_cells
+from .fuse_cells import fuse_cells, fuse_top_level
 from .fuse_matmuls import fuse_matmuls
 from .hoist import hoist
 from .node import Graph, LoopInfo, Node, nested_body, toposort
@@ -35,6 +35,7 @@ PASSES: dict[str, Pass] = {
     "fuse_matmuls": fuse_matmuls,
     "hoist": hoist,
     "fuse_cells": fuse_cells,
+    "fuse_top_level": fuse_top_level,
 }
 
 

@@ -1,6 +1,6 @@
 """The numba.cuda side of the CUDA backend: device checks, loading generated kernels (cached as
 hash-named modules), device buffers, launches and CUDA-graph capture. The only module of the backend
-that touches numba.cuda; it is imported lazily by `numba_cuda` (so `import unroll` never imports
+that touches numba.cuda; it is imported lazily by `cuda.backend` (so `import unroll` never imports
 numba).
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_codegen import NP_DTYPES
-from .cuda_kernels import KernelSpec
-from .cuda_loop import DeviceProps
+from .codegen import NP_DTYPES
+from .kernels import KernelSpec
+from .loop import DeviceProps
 
 NO_GPU_MESSAGE = ("backend='cuda' needs an NVIDIA GPU; none was found (numba.cuda.is_available() is "
                   "False). Use backend='numba' or set NUMBA_ENABLE_CUDASIM=1 to run in the simulator")

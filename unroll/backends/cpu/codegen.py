@@ -13,8 +13,8 @@ Lowering, by op (see `_EMITTERS`):
   keeps unit strides visible to LLVM);
 - elementwise ops with one user of the same shape are inlined into that user's loop nest, and a
   FUSED node's body becomes one loop nest per output shape (scalar statements, no temporaries);
-- matmul calls BLAS (`numba_kernels.xxgemm`); inside a loop, a product by a loop-invariant weight
-  packs that weight once before the loop and runs `numba_gemm.packed_gemm` up to a size chosen at
+- matmul calls BLAS (`cpu.blas.xxgemm`); inside a loop, a product by a loop-invariant weight
+  packs that weight once before the loop and runs `gemm.packed_gemm` up to a size chosen at
   run time (BLAS above it), other per-step products run as loops when small; `c + a @ b`
   accumulates in place (beta=1), directly into the carried buffer when it is a loop carry read
   nowhere else (BPTT weight gradients);
@@ -32,11 +32,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..ir.node import Graph, LoopInfo, Node
-from ..ir.ops import ELEMENTWISE, FLOAT_DTYPES, Op
-from .exprs import SCALAR_EXPRS
-from .numba_gemm import PACKED_MAX_MACS, packed_size_text
-from .numba_kernels import LOOP_MAX_MACS
+from ...ir.node import Graph, LoopInfo, Node
+from ...ir.ops import ELEMENTWISE, FLOAT_DTYPES, Op
+from ..lower.scalar import SCALAR_EXPRS
+from .gemm import PACKED_MAX_MACS, packed_size_text
+from .blas import LOOP_MAX_MACS
 
 Index = Callable[[Sequence[str]], list[str]]
 
@@ -67,7 +67,7 @@ class Val:
     tbase: str | None = None   # for 2-D transposes of a plain array: that array's expression
     fn: Callable[[Sequence[str]], str] | None = None  # a virtual value (pad, concat): its element
     parts: tuple[int, list] | None = None  # a virtual concat: (axis, [(start or None, part Val)])
-    packed: str | None = None  # a loop-invariant weight: its panels packed for numba_gemm.packed_gemm
+    packed: str | None = None  # a loop-invariant weight: its panels packed for gemm.packed_gemm
 
     def elem(self, index: Sequence[str]) -> str:
         if self.const is not None:
@@ -994,7 +994,7 @@ def emit_loop(cg: Codegen, scope: Scope, node: Node) -> None:
         env[arg] = _step_view(src_vals[n_c + n_h + j], t)
     header = (f"for {t} in range({cg.dims.n(info.length)} - 1, -1, -1):" if info.reverse
               else f"for {t} in range({cg.dims.n(info.length)}):")
-    # BLAS threads for the per-step products (the policy: numba_cpu's module docstring)
+    # BLAS threads for the per-step products (the policy: cpu.backend's module docstring)
     switch_threads = outer and any(n.op is Op.MATMUL for n in body.nodes())
     if switch_threads:
         scope.block.add(scope.indent, "blas_threads(blas[0], blas[2])", node)
@@ -1063,7 +1063,7 @@ def emit_loop(cg: Codegen, scope: Scope, node: Node) -> None:
 
 
 def _packed_weight(cg: Codegen, scope: Scope, holder: Scope, val: Val, node: Node) -> Val:
-    """The weight `val` (K x N) with its panels packed before the loop (numba_gemm.pack_panels):
+    """The weight `val` (K x N) with its panels packed before the loop (gemm.pack_panels):
     the buffer is allocated with the loop's buffers, the packing runs each time the loop starts."""
     if not val.plain and val.tbase is None:
         val = cg.materialize(scope, val, node)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..ir.node import Node
-from ..ir.ops import LEAVES, MOVEMENT, Op
-from .cuda_codegen import (
+from ...ir.node import Node
+from ...ir.ops import LEAVES, MOVEMENT, Op
+from .codegen import (
     MODULE_HEADER,
     NUMBA_TYPES,
     Emitter,
@@ -191,7 +191,7 @@ def reduction_kernel(name: str, node: Node, is_materialized: Callable[[Node], bo
         out_idx = _index_vars(em, "o", node.shape, "i")
         with em.block(f"for r in range(c * {chunk} + ty, min(c * {chunk} + {chunk}, {n_red}), {tr}):"):
             red_idx = _index_vars(em, "r", red_dims, "j")
-            from .cuda_codegen import reduce_source_index
+            from .codegen import reduce_source_index
             v = em.value(src, reduce_source_index(node, out_idx, red_idx))
             em.line(f"acc = {_combine(node.op, 'acc', v)}")
     em.line("sm[tid] = acc")
@@ -286,7 +286,7 @@ def matmul_kernel(name: str, node: Node, is_materialized: Callable[[Node], bool]
     for row in accs:
         for c in row:
             em.line(f"{c} = {zero}")
-    from .cuda_codegen import matmul_operand_index
+    from .codegen import matmul_operand_index
 
     def load_tile(operand: Node, rows: int, cols: int, r0: str, c0: str, rlim: int, clim: int,
                   smem: str, smem_index: str) -> None:

@@ -199,12 +199,12 @@ class GridEmulator:
 
 
 def emulate_program(program: Any, arrays: Sequence[np.ndarray], env_out: dict | None = None) -> list[np.ndarray]:
-    """Run every kernel of a `numba_cuda.Program` on numpy arrays with the emulator (host loops as
+    """Run every kernel of a `cuda.backend.Program` on numpy arrays with the emulator (host loops as
     Python loops), inputs in program.inputs order; returns the outputs shaped like the graph's."""
-    from ..ir.node import proj
-    from .cuda_codegen import NP_DTYPES
-    from .cuda_runtime import python_function
-    from .numba_cuda import HostLoop
+    from ...ir.node import proj
+    from .codegen import NP_DTYPES
+    from .runtime import python_function
+    from .backend import HostLoop
 
     def flat(node: Any) -> np.ndarray:
         return np.zeros(max(1, node.tensor_type.size), NP_DTYPES[node.dtype])

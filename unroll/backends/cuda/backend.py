@@ -8,13 +8,13 @@
 
 Lowering (`Program`): after `ur.optimize`, every node is either *materialized* (inputs, loop
 results, matmuls, reductions, graph outputs, values used twice that are not cheap views) or
-*inlined* into the kernels that read it. Kernels, generated as source (see cuda_codegen):
+*inlined* into the kernels that read it. Kernels, generated as source (see cuda.codegen):
 - fused elementwise: one thread per element computing one or more independent materialized nodes,
   with every inlined producer rendered from the scalar expression table shared with the CPU backend;
-- reductions: block tree + deterministic cross-block combination (cuda_kernels.reduction_kernel);
+- reductions: block tree + deterministic cross-block combination (kernels.reduction_kernel);
 - matmul: tiled shared-memory GEMM reading its operands through views (the hoisted input
   projection and the weight gradients; cuBLAS is not reachable from numba);
-- loops: one persistent kernel for all T steps (cuda_loop), forward and backward, reading view and
+- loops: one persistent kernel for all T steps (cuda.loop), forward and backward, reading view and
   constant sources (W.T, zeros, gate slices) and small single-use sequence expressions (the loss
   gradient) in place; loops it cannot run (nested loops, option persistent=False, a kernel that
   fails to compile, fit or launch) run as a host loop over steps that launches the body's kernels
@@ -41,17 +41,17 @@ from typing import Any
 
 import numpy as np
 
-from ..ir.node import Graph, LoopInfo, Node, proj, toposort
-from ..ir.ops import ELEMENTWISE, LEAVES, MOVEMENT, Op
-from .cuda_codegen import NP_DTYPES, inline_fused
-from .cuda_kernels import (
+from ...ir.node import Graph, LoopInfo, Node, proj, toposort
+from ...ir.ops import ELEMENTWISE, LEAVES, MOVEMENT, Op
+from .codegen import NP_DTYPES, inline_fused
+from .kernels import (
     KernelSpec,
     Tuning,
     elementwise_kernel,
     matmul_kernel,
     reduction_kernel,
 )
-from .cuda_loop import (
+from .loop import (
     DeviceProps,
     LoopOptions,
     NotPersistent,
@@ -61,23 +61,27 @@ from .cuda_loop import (
 
 FLEXIBLE_SHAPES = False  # kernels are specialized to the graph's static shapes
 
+# ur.optimize's default pipeline: fuse_cells' one FUSED node per step is one kernel launch per step
+PASSES: tuple[str, ...] = ("simplify", "fuse_matmuls", "hoist", "simplify", "fuse_cells", "simplify")
+
 _CHEAP = frozenset({Op.STOP_GRADIENT, Op.CAST, Op.NEG, Op.CONST}) | (MOVEMENT - {Op.PAD, Op.CONCAT})
 
 
 @dataclass(frozen=True)
 class Options:
-    optimize: bool = True
+    passes: tuple = PASSES            # the pass pipeline (ur.compile resolves it: compile.pass_pipeline)
     device_outputs: bool = False      # return device arrays (the program's buffers) instead of numpy
     copy_outputs: bool = False        # device outputs: fresh copies instead of the program's buffers
     persistent: bool = True           # False: every loop runs as a host loop over steps
     cuda_graph: str | bool = "auto"   # capture each call's launches into a CUDA graph (GPU only)
-    passes: dict | None = None        # forwarded to ur.optimize
     loop: LoopOptions = LoopOptions()
     tuning: Tuning = Tuning()
 
 
 def parse_options(options: dict[str, Any], simulator: bool) -> Options:
     opts = dict(options)
+    if "passes" in opts:
+        opts["passes"] = tuple(opts["passes"])
     loop_keys = {"blocks", "threads", "sync", "smem_weights", "work_per_block"}
     loop = {k: opts.pop(k) for k in list(opts) if k in loop_keys}
     if loop.get("threads") is None:
@@ -291,22 +295,20 @@ def _persistent_ok(loop: Node) -> bool:
 
 
 def build_program(graph: Graph | Node | Sequence[Node], props: DeviceProps = DeviceProps(),
-                  **options: Any) -> Program:
-    """Plan and generate every kernel for `graph` without a device (PTX tests, inspection)."""
+                  optimize: bool = True, **options: Any) -> Program:
+    """Plan and generate every kernel for `graph` without a device (PTX tests, inspection);
+    `optimize=False` skips the passes (as `ur.compile` does)."""
     if not isinstance(graph, Graph):
         graph = Graph.of([graph] if isinstance(graph, Node) else list(graph))
-    opts = parse_options(options, props.simulator)
+    opts = parse_options(options if optimize else {**options, "passes": ()}, props.simulator)
     return Program(_prepare(graph, opts), opts, props)
 
 
 def _prepare(graph: Graph, opts: Options) -> Graph:
-    if not opts.optimize:
+    if not opts.passes:
         return graph
-    try:
-        from ..ir.optimize import optimize as run_passes
-    except ImportError:
-        return graph
-    return run_passes(graph, **opts.passes) if opts.passes else run_passes(graph)
+    from ...ir.optimize import optimize
+    return optimize(graph, passes=list(opts.passes))
 
 
 # ---- execution ---------------------------------------------------------------------------------------
@@ -338,12 +340,12 @@ class Executor:
     def buffer(self, node: Node) -> Any:
         buf = self.buffers.get(node)
         if buf is None:
-            from . import cuda_runtime as rt
+            from . import runtime as rt
             buf = self.buffers[node] = rt.empty(node.tensor_type.size, node.dtype, self.stream)
         return buf
 
     def _arg(self, ref: tuple, spec: KernelSpec, env: dict[Node, Any]) -> Any:
-        from . import cuda_runtime as rt
+        from . import runtime as rt
         kind, key = ref
         if kind == "node":
             if key not in env:
@@ -363,7 +365,7 @@ class Executor:
     def run(self, env: dict[Node, Any]) -> list[Any]:
         """Run every step; env maps the program's inputs to flat device arrays. Returns the
         outputs (flat device arrays)."""
-        from . import cuda_runtime as rt
+        from . import runtime as rt
         for i, step in enumerate(self.program.steps):
             if isinstance(step, HostLoop):
                 self._host_loop(step, env)
@@ -396,7 +398,7 @@ class Executor:
         sub = self.subs.get(id(step))
         if sub is None:
             sub = self.subs[id(step)] = Executor(step.body, self.stream, self.compiled)
-        from . import cuda_runtime as rt
+        from . import runtime as rt
         for spec in step.pre:
             rt.kernel(spec).launch([self._arg(ref, spec, env) for _, _, ref in spec.params], self.stream)
         srcs = [env[s] if s in env else self.buffer(s) for s in node.src]
@@ -404,7 +406,7 @@ class Executor:
         # through or saved as a per-step output), so the new carries go to the other set
         sets = self.loop_carries.get(id(step))
         if sets is None:
-            from . import cuda_runtime as rt
+            from . import runtime as rt
             sets = self.loop_carries[id(step)] = [
                 [rt.empty(s.tensor_type.size, s.dtype, self.stream) for s in node.src[n_c:n_c + n_h]]
                 for _ in range(2)]
@@ -484,7 +486,7 @@ class CudaCompiled:
     def to_device(self, feeds: dict[str, Any] | None = None, **more: Any) -> dict[str, Any]:
         """Copy arrays to the GPU once (e.g. parameters), cast to the graph's dtypes; pass the
         result back as feeds so nothing is copied per call."""
-        from . import cuda_runtime as rt
+        from . import runtime as rt
         cuda = rt.cuda_module()
         dtypes = {n.name or f"arg{n.arg}": n.dtype for n in self.graph.inputs}
         out = {}
@@ -499,7 +501,7 @@ class CudaCompiled:
         return out
 
     def __call__(self, arrays: Sequence[Any]) -> list[Any]:
-        from . import cuda_runtime as rt
+        from . import runtime as rt
         if self._executor is None:
             self._stream = rt.new_stream()
             self._executor = Executor(self.program, self._stream, self)
@@ -524,7 +526,7 @@ class CudaCompiled:
     def _device_input(self, node: Node, value: Any) -> tuple[Any, int]:
         """A flat view of a device input and its address; cached per array object (a training
         loop feeds the same arrays every step: no new views, and the CUDA graph is reused)."""
-        from . import cuda_runtime as rt
+        from . import runtime as rt
         hit = self._inputs_seen.get(id(value))
         if hit is not None and hit[0] is value:
             return hit[1], hit[2]
@@ -548,7 +550,7 @@ class CudaCompiled:
         self._seen[key] += 1
         graph = self._graphs.get(key)
         if graph is None and self._seen[key] >= 2:  # second call with these buffers: capture
-            from . import cuda_runtime as rt
+            from . import runtime as rt
             captured_env = dict(env)
             try:
                 graph = rt.CapturedGraph(self._stream, lambda: ex.run(captured_env))
@@ -565,7 +567,7 @@ class CudaCompiled:
         return [env[o] if o in env else ex.buffer(o) for o in self.program.outputs]
 
     def _outputs(self, outs: list[Any], stream: Any) -> list[Any]:
-        from . import cuda_runtime as rt
+        from . import runtime as rt
         nodes = self.program.outputs
         if self.options.device_outputs:
             result = []
@@ -603,9 +605,10 @@ def _shaped(dev: Any, node: Node) -> Any:
 
 def compile_graph(graph: Graph, **options: Any) -> CudaCompiled:
     """Lower `graph` for the GPU (or numba's simulator with NUMBA_ENABLE_CUDASIM=1). Options:
-    optimize (True), device_outputs (False), copy_outputs, persistent (True), cuda_graph
-    ("auto"), blocks / threads / sync ("atomic" | "cg") / smem_weights for persistent loops, passes."""
-    from . import cuda_runtime as rt
+    passes (the pipeline, as `compile.pass_pipeline` resolves it; default PASSES), device_outputs
+    (False), copy_outputs, persistent (True), cuda_graph ("auto"), blocks / threads / sync
+    ("atomic" | "cg") / smem_weights for persistent loops."""
+    from . import runtime as rt
     rt.require_device()
     simulator = rt.simulator_enabled()
     opts = parse_options(options, simulator)

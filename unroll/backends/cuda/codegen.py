@@ -4,7 +4,7 @@
 expressions as source strings) and returns the name or literal that holds it. Materialized nodes are
 read through an access function the kernel builder supplies; everything else is inlined:
 
-- elementwise ops from the scalar expression table in `exprs.py` (the Numba CPU backend renders the
+- elementwise ops from the scalar expression table in `lower/scalar.py` (the Numba CPU backend renders the
   same templates: kernel math is written once), float literals typed to the node's dtype so float32
   kernels stay in float32;
 - movement ops (reshape, transpose, broadcast, slice, pad, concat) as index arithmetic;
@@ -26,9 +26,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..ir.node import Node
-from ..ir.ops import BINARY, COMPARE, ELEMENTWISE, FLOAT_DTYPES, MOVEMENT, UNARY, Op
-from .exprs import SCALAR_EXPRS
+from ...ir.node import Node
+from ...ir.ops import BINARY, COMPARE, ELEMENTWISE, FLOAT_DTYPES, MOVEMENT, UNARY, Op
+from ..lower.scalar import SCALAR_EXPRS
 
 Index = tuple[str, ...]
 Access = Callable[[Index], str]  # a materialized node's load expression at an index
@@ -519,7 +519,7 @@ __all__ = [
 def inline_fused(roots: Sequence[Node]) -> list[Node]:
     """Replace each `proj(fused, i)` by the fused body's output i on the fused node's sources: the
     CUDA backend fuses elementwise work itself, across whatever FUSED groups the passes formed."""
-    from ..ir.node import Graph, rewrite, substitute
+    from ...ir.node import Graph, rewrite, substitute
 
     def visit(node: Node, src: tuple[Node, ...]) -> Node | None:
         if node.op is Op.PROJ and src[0].op is Op.FUSED:

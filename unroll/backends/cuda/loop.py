@@ -32,7 +32,7 @@ so launches and CUDA-graph replays need no reset) or, with sync="cg", cooperativ
 grid.sync(). All blocks must be co-resident: G <= number of SMs, one block per SM.
 
 The simulator cannot synchronize blocks, so there G = 1 (`tests` run G > 1 through the
-multi-block emulator in `cuda_gridsim`).
+multi-block emulator in `cuda.gridsim`).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..ir.node import LoopInfo, Node, proj, toposort
-from ..ir.ops import FLOAT_DTYPES, LEAVES, MOVEMENT, Op
-from .cuda_codegen import (
+from ...ir.node import LoopInfo, Node, proj, toposort
+from ...ir.ops import FLOAT_DTYPES, LEAVES, MOVEMENT, Op
+from .codegen import (
     INLINE_OPS,
     NUMBA_TYPES,
     Emitter,
@@ -55,7 +55,7 @@ from .cuda_codegen import (
     numpy_source_map,
     unravel,
 )
-from .cuda_kernels import KernelSpec
+from .kernels import KernelSpec
 
 
 class NotPersistent(Exception):

@@ -19,7 +19,7 @@ multiple of NR stores element by element.
 
 Both are Numba intrinsics whose bodies are LLVM functions defined once per module (`linkonce_odr`),
 so a call site costs one call instruction: Numba never type-infers them (generated code calls no
-other `@njit` function, which would be linked into the caller and recompiled, see numba_kernels),
+other `@njit` function, which would be linked into the caller and recompiled, see cpu.blas),
 and they are cached with the caller. Vectors are 256 bits; LLVM lowers the vector FMA to `vfmadd`
 on AVX2/FMA machines and to narrower instructions elsewhere (slower, still correct). float64 uses
 the same code with 4-element vectors.

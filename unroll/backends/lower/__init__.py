@@ -1,0 +1,1 @@
+"""The lowering shared by the compiled targets: scalar expressions, index maps, decompositions."""
