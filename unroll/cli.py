@@ -250,6 +250,30 @@ def _run_bench(args: argparse.Namespace) -> int:
     return int(code or 0)
 
 
+# ---- cache ----------------------------------------------------------------------------------------
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache", help="show where compiled code is cached and how big it is; --clear empties it",
+        description="The generated modules, their records and Numba's machine code live under "
+                    "$UNROLL_CACHE_DIR (default ~/.cache/unroll). Entries are validated when loaded, "
+                    "so clearing is never needed for correctness, only to reclaim space.")
+    p.add_argument("--clear", action="store_true", help="remove every cached entry")
+    p.set_defaults(run=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from .backends import cache
+    info = cache.summary()
+    print(f"cache directory: {info['directory']}")
+    print(f"  {info['modules']} modules, {info['files']} files, {info['bytes'] / 1e6:.1f} MB")
+    print(f"  Numba's machine code: {info['numba_cache_dir']}")
+    if args.clear:
+        print(f"removed {cache.clear()} files")
+    return 0
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 
 
@@ -260,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Start with `unroll demo`.")
     parser.add_argument("--version", action="version", version=f"unroll {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_draw, _add_train, _add_flow, _add_bench):
+    for add in (_add_demo, _add_draw, _add_train, _add_flow, _add_bench, _add_cache):
         add(sub)
     return parser
 

@@ -40,20 +40,20 @@ Threads, chosen deliberately (measured on a 2-core machine, idle):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from typing import Sequence
 
 import numpy as np
 
 from ...ir.node import Graph, Node
+from .. import cache
 from . import codegen
 from .codegen import UnsupportedOp
 
@@ -136,7 +136,7 @@ class NumbaBackendError(RuntimeError):
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("UNROLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "unroll")
+    return cache.default_dir()
 
 
 def _hash_files(paths: Sequence[str]) -> str:
@@ -174,28 +174,10 @@ def module_source(fn_source: str) -> tuple[str, int]:
     return header + fn_source, header.count("\n") + 1
 
 
-_MODULES: dict[str, object] = {}
-
-
 def load_module(text: str, directory: str | None = None) -> tuple[object, str]:
-    """Write (once) and import the module with this content; returns (module, path)."""
-    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
-    name = f"unroll_gen_{digest}"
-    directory = directory or default_cache_dir()
-    path = os.path.join(directory, f"{name}.py")
-    module = _MODULES.get(name) or sys.modules.get(name)
-    if module is not None:
-        STATS["modules_reused"] += 1
-        return module, path
-    if not os.path.exists(path):
-        _write_atomic(path, text)
-        STATS["modules_written"] += 1
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    _MODULES[name] = module
-    STATS["modules_loaded"] += 1
+    """Write (once), validate and import the module with this content; returns (module, path)."""
+    module, path, how = cache.load_module("unroll_gen_", text, directory or default_cache_dir())
+    STATS[f"modules_{how}"] += 1
     return module, path
 
 
@@ -282,25 +264,28 @@ def compile_graph(graph: Graph, passes: Sequence = PASSES, cache_dir: str | None
     STATS["codegen"] += 1
     fn_source: str = cg.source  # type: ignore[attr-defined]
     text, first_line = module_source(fn_source)
-    module, path = load_module(text, directory)
-    dispatcher = module.kernel  # type: ignore[attr-defined]
-    try:
-        from_cache = _compile(dispatcher, _signature(lowered))
-    except Exception as err:  # numba's errors: re-raised with the op and source location
-        raise _explain(err, cg, path, first_line) from None
+    with cache.entry_lock(directory, cache.module_name("unroll_gen_", text)):  # one compile per entry
+        module, path = load_module(text, directory)
+        dispatcher = module.kernel  # type: ignore[attr-defined]
+        try:
+            from_cache = _compile(dispatcher, _signature(lowered), path)
+        except Exception as err:  # numba's errors: re-raised with the op and source location
+            raise _explain(err, cg, path, first_line) from None
     kernel = NumbaKernel(graph, cg.dim_values, cg.float_values, fn_source, path, dispatcher, from_cache)
     if record is not None and [n.type for n in lowered.inputs] == [n.type for n in graph.inputs]:
-        _write_atomic(record, json.dumps({"module": os.path.basename(path), "dims": cg.dim_values,
-                                          "floats": cg.float_values}))
+        with contextlib.suppress(OSError):  # an unwritable cache only loses the shortcut
+            cache.write_atomic(record, json.dumps({"module": os.path.basename(path), "dims": cg.dim_values,
+                                                   "floats": cg.float_values}))
     return kernel
 
 
-def _compile(dispatcher, sig) -> bool:
-    """Compile (or load from Numba's cache) the overload for `sig`; True when it came from cache."""
+def _compile(dispatcher, sig, path: str) -> bool:
+    """Compile (or load from Numba's cache) the overload for `sig`; True when it came from cache.
+    A Numba cache entry that fails to load is dropped and rebuilt (cache.compile_once)."""
     if sig in dispatcher.overloads:
         return False
     hits_before = sum(dispatcher.stats.cache_hits.values())
-    dispatcher.compile(sig)
+    cache.compile_once(lambda: dispatcher.compile(sig), dispatcher, path)
     from_cache = sum(dispatcher.stats.cache_hits.values()) > hits_before
     STATS["cache_loads" if from_cache else "numba_compiles"] += 1
     return from_cache
@@ -327,32 +312,31 @@ def _record_path(directory: str, graph: Graph, passes: Sequence) -> str | None:
 
 
 def _load_recorded(record: str, graph: Graph) -> NumbaKernel | None:
-    """The kernel for a graph compiled before (in any process), or None."""
+    """The kernel for a graph compiled before (in any process), or None (nothing recorded, or a
+    damaged record or module: then the caller regenerates and rewrites them)."""
     try:
         with open(record) as f:
             meta = json.load(f)
-        path = os.path.join(os.path.dirname(record), meta["module"])
-        with open(path) as f:
-            text = f.read()
-    except (OSError, ValueError, KeyError):
+        name, dims, floats = meta["module"], [int(d) for d in meta["dims"]], [float(v) for v in meta["floats"]]
+    except FileNotFoundError:
         return None
-    module, path = load_module(text, os.path.dirname(record))
-    dispatcher = module.kernel  # type: ignore[attr-defined]
-    try:
-        from_cache = _compile(dispatcher, _signature(graph))
-    except Exception:  # anything odd: regenerate from the graph, which explains errors properly
+    except (OSError, ValueError, KeyError, TypeError):
+        cache.warn(f"unroll: damaged cache record {record}; rebuilding it")
         return None
+    directory = os.path.dirname(record)
+    text = cache.read_module(os.path.join(directory, name))
+    if text is None:
+        return None
+    with cache.entry_lock(directory, name[:-3]):
+        module, path = load_module(text, directory)
+        dispatcher = module.kernel  # type: ignore[attr-defined]
+        try:
+            from_cache = _compile(dispatcher, _signature(graph), path)
+        except Exception:  # anything odd: regenerate from the graph, which explains errors properly
+            return None
     STATS["recorded"] += 1
     source = text[text.index("def kernel("):]
-    return NumbaKernel(graph, meta["dims"], meta["floats"], source, path, dispatcher, from_cache)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return NumbaKernel(graph, dims, floats, source, path, dispatcher, from_cache)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -6,16 +6,13 @@ numba).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from .. import cache
 from .codegen import NP_DTYPES
 from .kernels import KernelSpec
 from .loop import DeviceProps
@@ -78,34 +75,15 @@ def device_name() -> str:
 # ---- generated modules -----------------------------------------------------------------------------
 
 def cache_dir() -> str:
-    base = os.environ.get("UNROLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "unroll")
-    return os.path.join(base, "cuda")
-
-
-_MODULES: dict[str, Any] = {}
+    return os.path.join(cache.default_dir(), "cuda")
 
 
 def load_module(source: str) -> Any:
-    """Write once (temp file + os.replace) and import the module named by its content's hash, so
-    numba's cache=True can key compiled kernels on a real file."""
-    name = "unroll_cuda_" + hashlib.sha256(source.encode()).hexdigest()[:24]
-    module = _MODULES.get(name) or sys.modules.get(name)
-    if module is not None:
-        return module
-    directory = cache_dir()
-    path = os.path.join(directory, name + ".py")
-    if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    _MODULES[name] = module
-    return module
+    """The module of this generated source, written once under its content hash and validated
+    (backends.cache), so numba's cache=True can key compiled kernels on a real file."""
+    name = cache.module_name("unroll_cuda_", source)
+    with cache.entry_lock(cache_dir(), name):
+        return cache.load_module("unroll_cuda_", source, cache_dir())[0]
 
 
 def python_function(spec: KernelSpec) -> Callable:
