@@ -45,9 +45,18 @@ def _has_matplotlib() -> bool:
         return False
 
 
+def test_rows_run_in_their_own_process_beside_busy_load():
+    result = bench.run_bench(cells=("rnn",), configs=("4,2,3,5",), impls=["numpy", "numba"], repeats=3,
+                             budget_s=0.05, memory=False, quiet=True, load=1)
+    pids = {r["extra"].get("pid") for r in result["rows"]}
+    assert all(r["median_ms"] is not None for r in result["rows"]), [r["note"] for r in result["rows"]]
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert result["header"]["busy processes beside the benchmark (--load)"] == 1
+
+
 def test_tcn_and_lstm_rows_run():
     result = bench.run_bench(cells=("tcn", "lstm"), configs=("3,2,2,3",), impls=["numpy", "torch"], repeats=3,
-                             budget_s=0.05, memory=False, quiet=True)
+                             budget_s=0.05, memory=False, quiet=True, isolate=False)
     assert all(r["median_ms"] is not None or r["note"] for r in result["rows"])
     assert any(r["impl"] == "numpy" and r["median_ms"] is not None for r in result["rows"])
 

@@ -4,9 +4,13 @@ A training step is forward + BPTT with an MSE loss on every time step, returning
 gradient of every parameter. Cells: RNN (tanh), LSTM, GRU and a TCN (4 levels, kernel 3, dilations
 1, 2, 4, 8, H channels). Configurations (T, B, I, H) are `CONFIGS` plus any given as `T,B,I,H`.
 
-Implementations, all timed in the same process after a short rest (other libraries' idle threads
-stop spinning) and a warm-up (median of repeats; the first call, which includes compilation, is
-reported separately):
+Each row (one implementation of one cell at one size) is measured in a process of its own, so no
+framework's thread pools, allocator state or JIT caches sit beside another's (timed in one process,
+PyTorch's LSTM medium step took 101.8 ms against 59.9 ms alone). In that process: the first call,
+which includes compilation (unroll's code generation and Numba, JAX's jit), is reported separately,
+then a short rest, a warm-up and the median of repeats. `--load N` runs N busy processes beside the
+benchmark for the whole run (a loaded laptop, a CI runner, other MPI ranks). `isolate=False` measures
+in the calling process (tests):
   numpy          unroll's reference interpreter
   numba          unroll's Numba CPU backend with the default passes (ur.optimize)
   numba-<pass>   the same with one pass of the pipeline switched off (--ablations), numba-O0 with none
@@ -415,6 +419,61 @@ def implementations(cell: str, ablations: bool, have: dict[str, bool], backend: 
     return impls
 
 
+def _row_spec(row: Row, ablations: bool, backend: str, repeats: int, budget_s: float, memory: bool) -> dict:
+    return {"row": asdict(row), "ablations": ablations, "backend": backend, "repeats": repeats,
+            "budget_s": budget_s, "memory": memory}
+
+
+def measure_spec(spec: dict, have: dict[str, bool] | None = None) -> Row:
+    """Measure the row a spec describes (in this process)."""
+    row = Row(**spec["row"])
+    have = have or {"torch": _try_import("torch") is not None, "jax": _try_import("jax") is not None}
+    make = implementations(row.cell, spec["ablations"], have, spec["backend"])[row.impl]
+    row.extra["pid"] = os.getpid()
+    return measure(row, lambda: make(row.T, row.B, row.I, row.H), spec["repeats"], spec["budget_s"],
+                   spec["memory"])
+
+
+_RESULT_MARK = "UNROLL_BENCH_ROW "
+
+
+def measure_isolated(spec: dict, timeout_s: float = 900.0) -> Row:
+    """Measure the row in a fresh Python process (`python -m unroll.bench --worker SPEC`)."""
+    import subprocess
+    row = Row(**spec["row"])
+    try:
+        done = subprocess.run([sys.executable, "-m", "unroll.bench", "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        row.note = f"timed out after {timeout_s:.0f} s"
+        return row
+    for line in done.stdout.splitlines():
+        if line.startswith(_RESULT_MARK):
+            return Row(**json.loads(line[len(_RESULT_MARK):]))
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    row.note = f"worker failed (exit {done.returncode}): {tail[:160]}"
+    return row
+
+
+class BusyLoad:
+    """N processes spinning on a core each while the benchmark runs (`with BusyLoad(2): ...`)."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._procs: list = []
+
+    def __enter__(self) -> "BusyLoad":
+        import subprocess
+        self._procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.processes)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self._procs:
+            p.kill()
+        for p in self._procs:
+            p.wait()
+
+
 def parse_config(text: str) -> tuple[str, tuple[int, int, int, int]]:
     named = {**CONFIGS, **GPU_CONFIGS}
     if text in named:
@@ -432,12 +491,13 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
               impls: Sequence[str] | None = None, ablations: bool = False, repeats: int = 20,
               budget_s: float = 3.0, numpy_max_steps: int = 20_000, out_dir: str | None = None,
               plot: bool = True, memory: bool = True, quiet: bool = False,
-              backend: str = "numba") -> dict[str, Any]:
+              backend: str = "numba", isolate: bool = True, load: int = 0) -> dict[str, Any]:
     """Run the benchmark; returns {"header", "rows", "table"} and writes JSON/markdown/PNG to out_dir.
 
     `impls` restricts implementations by name (e.g. ("numba", "torch")). The numpy reference is
     skipped where T*B*H exceeds `numpy_max_steps` * 1000 (minutes per step). `backend="cuda"` times
     unroll's CUDA backend against PyTorch on the GPU (cuDNN) and JAX instead, configs plus xl.
+    `isolate` measures every row in a process of its own; `load` busy processes run beside it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -447,10 +507,27 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     have = {"torch": _try_import("torch") is not None, "jax": _try_import("jax") is not None}
     head = header()
+    head["rows measured"] = "each in its own process" if isolate else "in one process"
+    head["busy processes beside the benchmark (--load)"] = load
     say(format_header(head))
     if not have["jax"]:
         say("jax: not installed, skipped (pip install jax jaxlib)")
     rows: list[Row] = []
+    with BusyLoad(load):
+        _run_rows(rows, cells, configs, impls, ablations, repeats, budget_s, numpy_max_steps, memory, backend,
+                  isolate, have, say)
+    result = {"header": head, "rows": [asdict(r) for r in rows]}
+    result["table"] = format_table(result["rows"])
+    say("\n" + result["table"])
+    if out_dir:
+        write_results(result, out_dir, plot)
+        say(f"results written to {out_dir}")
+    return result
+
+
+def _run_rows(rows: list[Row], cells: Sequence[str], configs: Sequence[str], impls: Sequence[str] | None,
+              ablations: bool, repeats: int, budget_s: float, numpy_max_steps: int, memory: bool,
+              backend: str, isolate: bool, have: dict[str, bool], say: Callable[..., None]) -> None:
     for cell in cells:
         if cell not in CELLS:
             raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}")
@@ -462,19 +539,14 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
                 row = Row(cell, name, T, B, I, H, impl)
                 if impl == "numpy" and T * B * H > numpy_max_steps * 1000:
                     row.note = "skipped (too slow)"
+                elif isolate:
+                    row = measure_isolated(_row_spec(row, ablations, backend, repeats, budget_s, memory))
                 else:
                     measure(row, lambda m=make: m(T, B, I, H), repeats, budget_s, memory)
                 rows.append(row)
                 say(f"  {cell:5s} {name:8s} {impl:18s} " + (
                     f"{row.median_ms:9.3f} ms  first {row.first_ms:9.1f} ms" if row.median_ms is not None
                     else row.note))
-    result = {"header": head, "rows": [asdict(r) for r in rows]}
-    result["table"] = format_table(result["rows"])
-    say("\n" + result["table"])
-    if out_dir:
-        write_results(result, out_dir, plot)
-        say(f"results written to {out_dir}")
-    return result
 
 
 # ---- output --------------------------------------------------------------------------------------
@@ -513,7 +585,7 @@ def format_table(rows: Sequence[dict]) -> str:
     rs = ratios(rows)
     ours = _ours(rows)
     lines = ["| cell | config (T,B,I,H) | " + " | ".join(f"{i} ms" for i in impls)
-             + f" | {ours} first call ms | {ours} / best peer | peak MB {ours} / torch |",
+             + f" | first call ms {ours} / torch / jax | {ours} / best peer | peak MB {ours} / torch |",
              "|" + "---|" * (len(impls) + 5)]
     for (cell, config), by_impl in table.items():
         any_row = next(iter(by_impl.values()))
@@ -522,8 +594,8 @@ def format_table(rows: Sequence[dict]) -> str:
         for i in impls:
             r = by_impl.get(i)
             cells.append("-" if r is None or r.get("median_ms") is None else f"{r['median_ms']:.3f}")
-        nb = by_impl.get(ours, {})
-        first = f"{nb['first_ms']:.0f}" if nb.get("first_ms") is not None else "-"
+        first = " / ".join(f"{by_impl[i]['first_ms']:.0f}" if by_impl.get(i, {}).get("first_ms") is not None
+                           else "-" for i in (ours, "torch", "jax"))
         ratio = rs[(cell, config)]
         mem = "/".join(f"{by_impl[i]['peak_mb']:.1f}" if by_impl.get(i, {}).get("peak_mb") is not None else "-"
                        for i in (ours, "torch"))
@@ -584,14 +656,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="directory for bench.json, bench.md, bench.png")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="run N busy processes beside the benchmark (a loaded machine)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="measure every row in this process (default: each in its own)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one row, for measure_isolated
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.worker:
+        print(_RESULT_MARK + json.dumps(asdict(measure_spec(json.loads(args.worker))), default=str), flush=True)
+        return 0
     try:
         for c in args.configs or ():
             parse_config(c)
     except ValueError as err:
         parser.error(str(err))
     run_bench(args.cells, args.configs, args.impls, args.ablations, args.repeats, args.budget,
-              out_dir=args.out, plot=not args.no_plot, memory=not args.no_memory, backend=args.backend)
+              out_dir=args.out, plot=not args.no_plot, memory=not args.no_memory, backend=args.backend,
+              isolate=not args.same_process, load=args.load)
     return 0
 
 
