@@ -2,7 +2,8 @@
 
 The file is a standard .npz (a zip of .npy files, readable by `np.load`), written to exactly the
 given path (no ".npz" is appended) through a temporary file and `os.replace`, so a crash never leaves
-half a checkpoint. Names may hold dots ("lstm.weight_ih_l0") or any other character except "/",
+half a checkpoint. A temporary is removed when the save fails; one left by a killed process (its
+name carries the writer's pid) is removed by the next save into the same directory. Names may hold dots ("lstm.weight_ih_l0") or any other character except "/",
 and order is preserved. Loading uses `allow_pickle=False`: an entry holding Python objects is refused.
 """
 
@@ -30,7 +31,8 @@ def save_params(path: str | os.PathLike[str], params: Mapping[str, np.ndarray]) 
         arrays[name] = arr
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".params-", suffix=".npz.tmp", dir=directory)
+    _remove_orphans(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".params-{os.getpid()}-", suffix=".npz.tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, arr in arrays.items():
@@ -41,6 +43,29 @@ def save_params(path: str | os.PathLike[str], params: Mapping[str, np.ndarray]) 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _remove_orphans(directory: str) -> None:
+    """Delete temporaries of saves whose writing process no longer exists (killed mid-save)."""
+    for name in os.listdir(directory):
+        if not (name.startswith(".params-") and name.endswith(".npz.tmp")):
+            continue
+        pid = name[len(".params-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def load_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -19,8 +19,10 @@ the start of the epoch's order, so it is seen once more rather than padded with 
 
 Stopping. `epochs` and/or `steps` (optimizer updates in all) bound the run, whichever ends first.
 `eval_fn` may raise `StopTraining` to end it early.
-A non-finite loss or gradient stops the run with a warning (that update is skipped, so the values
-returned are the last finite ones) and `history.stopped` says why.
+A non-finite loss or gradient stops the run with a warning, and so does an update that would make
+a parameter non-finite (a learning rate so large that finite gradients overflow): that update is
+skipped or undone, so the values returned and written back are the last finite ones, and
+`history.stopped` says why.
 """
 
 from __future__ import annotations
@@ -220,9 +222,12 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
                 feed.update({f.name: np.take(f.data, idx, axis=f.axis) for f in feeds if f.axis is not None})
                 stats = trainer.step(feed)
                 if not stats.applied:
-                    history.stopped = (f"step {history.steps + 1} (epoch {epoch + 1}): loss {stats.loss} or "
-                                       f"gradient norm {stats.grad_norm} is not finite; the update was "
-                                       f"skipped (try a smaller lr or clip=1.0)")
+                    finite = math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
+                    what = ("the update made a parameter non-finite and was undone" if finite else
+                            f"loss {stats.loss} or gradient norm {stats.grad_norm} is not finite; the "
+                            f"update was skipped")
+                    history.stopped = (f"step {history.steps + 1} (epoch {epoch + 1}): {what} "
+                                       f"(try a smaller lr or clip=1.0)")
                     warnings.warn(f"fit stopped at {history.stopped}", RuntimeWarning, stacklevel=2)
                     break
                 history.loss.append(stats.loss)

@@ -13,6 +13,7 @@ State (moments, momentum buffers, per-parameter step counts) lives in `optimizer
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -35,14 +36,25 @@ def _lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
     return start
 
 
+def check_hyper(owner: str, name: str, value: float, low: float = 0.0, high: float = float("inf"),
+                high_open: bool = False) -> float:
+    """`value` as a float when it is finite and in [low, high] (or [low, high) with high_open);
+    else a ValueError naming the optimizer and the hyperparameter (NaN fails every comparison)."""
+    v = float(value)
+    ok = math.isfinite(v) and low <= v and (v < high if high_open else v <= high)
+    if not ok:
+        bound = f"[{low:g}, {high:g}{')' if high_open else ']'}" if math.isfinite(high) else f">= {low:g}"
+        raise ValueError(f"{owner}: expected a finite {name} {bound}, found {value!r}")
+    return v
+
+
 class Optimizer:
     """Base class: `step(params, grads)` updates every parameter that has a gradient, in place."""
 
     def __init__(self, lr: float, weight_decay: float = 0.0) -> None:
-        if lr < 0:
-            raise ValueError(f"{type(self).__name__}: expected lr >= 0, found {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"{type(self).__name__}: expected weight_decay >= 0, found {weight_decay}")
+        owner = type(self).__name__
+        lr = check_hyper(owner, "lr", lr)
+        weight_decay = check_hyper(owner, "weight_decay", weight_decay)
         self.lr = float(lr)  # may be changed between steps (a schedule)
         self.weight_decay = float(weight_decay)
         self.state: dict[Any, dict[str, Any]] = {}
@@ -102,8 +114,8 @@ class SGD(Optimizer):
         super().__init__(lr, weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: nesterov momentum requires momentum > 0 and dampening == 0")
-        self.momentum = float(momentum)
-        self.dampening = float(dampening)
+        self.momentum = check_hyper("SGD", "momentum", momentum)
+        self.dampening = check_hyper("SGD", "dampening", dampening, high=1.0)
         self.nesterov = bool(nesterov)
 
     def _update(self, param: np.ndarray, grad: np.ndarray, state: dict[str, Any]) -> None:
@@ -129,10 +141,10 @@ class Adam(Optimizer):
                  weight_decay: float = 0.0, amsgrad: bool = False,
                  decoupled_weight_decay: bool = False) -> None:
         super().__init__(lr, weight_decay)
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"{type(self).__name__}: expected betas in [0, 1), found {betas}")
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = float(eps)
+        owner = type(self).__name__
+        self.betas = (check_hyper(owner, "betas[0]", betas[0], high=1.0, high_open=True),
+                      check_hyper(owner, "betas[1]", betas[1], high=1.0, high_open=True))
+        self.eps = check_hyper(owner, "eps", eps)
         self.amsgrad = bool(amsgrad)
         self.decoupled_weight_decay = bool(decoupled_weight_decay)
 
@@ -177,11 +189,9 @@ class RMSprop(Optimizer):
     def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
         super().__init__(lr, weight_decay)
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"RMSprop: expected 0 <= alpha <= 1, found {alpha}")
-        self.alpha = float(alpha)
-        self.eps = float(eps)
-        self.momentum = float(momentum)
+        self.alpha = check_hyper("RMSprop", "alpha", alpha, high=1.0)
+        self.eps = check_hyper("RMSprop", "eps", eps)
+        self.momentum = check_hyper("RMSprop", "momentum", momentum)
         self.centered = bool(centered)
 
     def _update(self, param: np.ndarray, grad: np.ndarray, state: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ pipeline on the step's graph before compiling it.
 
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -180,15 +182,23 @@ class TrainStep:
         return float(self._forward(**{n: feeds[n] for n in self._forward.input_names}))
 
     def step(self, batch: Mapping[str, Any]) -> StepStats:
-        """Forward + backward on the batch, clip, and apply the optimizer update (skipped, with
-        `applied=False`, when the loss or a gradient is not finite: the values stay usable)."""
+        """Forward + backward on the batch, clip, and apply the optimizer update. The update is
+        skipped (`applied=False`) when the loss or a gradient is not finite, and undone when it
+        made a parameter non-finite (a huge learning rate overflows an update of finite
+        gradients): either way the values and the optimizer's state stay the last finite ones."""
         loss, grads = self.gradients(batch)
         norm = global_norm(grads)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return StepStats(loss, norm, False)
         if self._clip is not None:
             grads = self._clip(grads, norm)
+        saved = (copy.deepcopy(self.optimizer.state), {k: v.copy() for k, v in self.values.items()})
         self.optimizer.step(self.values, grads)
+        if not all(np.isfinite(v).all() for v in self.values.values()):
+            self.optimizer.state = saved[0]
+            for name, value in saved[1].items():
+                self.values[name][...] = value
+            return StepStats(loss, norm, False)
         self.steps += 1
         return StepStats(loss, norm, True)
 
