@@ -118,7 +118,9 @@ def test_without_graphviz_dot_files_and_install_hint(tmp_path, monkeypatch, caps
     assert not result.rendered and "apt-get install graphviz" in out
 
     code, _ = _run(["draw", "gru", "-o", str(tmp_path / "gru.svg")], capsys)
-    assert code == 0 and (tmp_path / "gru.dot").read_text().startswith("digraph")
+    # the .svg asked for does not exist: a non-zero exit, the DOT text beside it
+    assert code == 3 and (tmp_path / "gru.dot").read_text().startswith("digraph")
+    assert not (tmp_path / "gru.svg").exists()
 
 
 @pytest.mark.parametrize("model,view", [("lstm", "rolled"), ("gru", "unrolled"), ("rnn", "cell"),

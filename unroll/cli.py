@@ -153,9 +153,10 @@ def _run_draw(args: argparse.Namespace) -> int:
         if "not found" not in str(err):
             raise
         written = draw(graph, path.with_suffix(".dot"), view=view)
-        print(f"Graphviz's `dot` is missing: wrote DOT text to {written} instead "
-              f"(apt-get install graphviz, or pip install pygraphviz; then dot -Tsvg {written} -o x.svg)",
-              file=sys.stderr)
+        print(f"unroll draw: Graphviz's `dot` is missing, so {path} was NOT written; wrote DOT text to "
+              f"{written} instead (apt-get install graphviz, or pip install pygraphviz; then "
+              f"dot -T{path.suffix.lstrip('.') or 'svg'} {written} -o {path})", file=sys.stderr)
+        return 3  # the asked-for picture does not exist: scripts must not take this for success
     print(f"wrote {written}")
     return 0
 
