@@ -17,6 +17,7 @@ from .ir.build import (abs, add, argmax, broadcast_to, cast, concat, const, div,
 from .ir.node import Graph, Node
 from .ir.ops import ShapeError
 from .ir.optimize import explain, optimize
+from .ir.text import ParseError, parse, print_graph
 from .ir.unroll import unroll
 from .ir.verify import VerifyError, verify
 from .ir.autodiff import Checkpoint, Recompute, SaveAll, grad, value_and_grad, vjp
@@ -38,7 +39,7 @@ __all__ = [
     "not_equal", "onehot", "ones", "optimize", "pad", "param", "pow", "recip", "relu", "reshape", "scan",
     "sigmoid", "sign", "slice_axis", "softmax", "softplus", "split", "sqrt", "stack",
     "stop_gradient", "sub", "sum", "tanh", "transpose", "unroll", "verify", "where", "zeros",
-    "draw", "to_dot", "to_networkx",
+    "draw", "to_dot", "to_networkx", "ParseError", "parse", "print_graph",
     "GradientFlow", "gradient_flow", "plot_gradient_flow",
     "Checkpoint", "Recompute", "SaveAll", "grad", "truncate", "truncation_bias", "value_and_grad", "vjp",
     "data", "train", "SGD", "Adam", "AdamW", "RMSprop", "StopTraining", "TrainStep", "clip_by_global_norm",

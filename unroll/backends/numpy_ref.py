@@ -1,7 +1,9 @@
 """The reference interpreter: the executable spec of every op, written with plain numpy.
 
-Each op's meaning is one entry of IMPLS. Loops run as Python for-loops exactly as LoopInfo's
-docstring says. Every other backend and every pass is tested for equality against this module.
+Each op's meaning is one entry of IMPLS, built from the numpy tables of `ir/semantics.py` (which
+constant folding uses too; ELEMENTWISE_IMPLS is re-exported here). Loops run as Python for-loops
+exactly as LoopInfo's docstring says. An id outside [0, depth) makes onehot raise IndexError.
+Every other backend and every pass is tested for equality against this module.
 """
 
 from __future__ import annotations
@@ -11,54 +13,33 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..ir.node import Graph, LoopInfo, Node
-from ..ir.ops import BINARY, COMPARE, UNARY, Op
+from ..ir.ops import FrozenArray, Op
+from ..ir.semantics import ELEMENTWISE_IMPLS, STRUCTURAL_IMPLS
 
-Impl = Callable[..., np.ndarray]
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    from scipy.special import expit  # stable in both tails, and fast
-    return expit(x)
+__all__ = ["ELEMENTWISE_IMPLS", "IMPLS", "PASSES", "compile_graph", "evaluate", "run_loop"]
 
 
-def _pad(x: np.ndarray, pads: Sequence[tuple[int, int]]) -> np.ndarray:
-    # zeros + one assignment: np.pad's generality costs ~10x on the small arrays of a loop step
-    out = np.zeros(tuple(d + lo + hi for d, (lo, hi) in zip(x.shape, pads)), x.dtype)
-    out[tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, pads))] = x
-    return out
+def _const(node: Node) -> np.ndarray:
+    if isinstance(node.arg, FrozenArray):
+        return node.arg.array.copy()  # the stored array is read-only; callers may own what we return
+    return np.full(node.shape, node.arg, node.dtype)
 
 
-def _slice(x: np.ndarray, triples: Sequence[tuple[int, int, int]]) -> np.ndarray:
-    return x[tuple(slice(*t) for t in triples)]
+def _onehot(node: Node, ids: np.ndarray) -> np.ndarray:
+    try:
+        return STRUCTURAL_IMPLS[Op.ONEHOT](node.arg, ids)
+    except IndexError as err:  # an id outside the vocabulary: say where the onehot (or Embedding) was built
+        raise IndexError(f"{err}\n  at {node.loc}") from None
 
 
-ELEMENTWISE_IMPLS: dict[Op, Impl] = {
-    Op.NEG: np.negative, Op.EXP: np.exp, Op.LOG: np.log, Op.TANH: np.tanh, Op.SIGMOID: _sigmoid,
-    Op.RELU: lambda x: np.maximum(x, 0).astype(x.dtype), Op.SQRT: np.sqrt, Op.ABS: np.abs,
-    Op.SIGN: np.sign, Op.RECIP: lambda x: (1 / x).astype(x.dtype), Op.LOG1P: np.log1p,
-    Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide, Op.POW: np.power,
-    Op.MAX: np.maximum, Op.MIN: np.minimum,
-    Op.LT: np.less, Op.LE: np.less_equal, Op.GT: np.greater, Op.GE: np.greater_equal,
-    Op.EQ: np.equal, Op.NE: np.not_equal, Op.WHERE: np.where, Op.STOP_GRADIENT: lambda x: x,
-}
-
-# impl(node, *source_values) -> value; the node gives arg and the result type
+# impl(node, *source_values) -> value; the node gives arg and the result type. The meanings are
+# ir/semantics.py's tables (shared with constant folding), looked up when an entry runs so the tables
+# stay the one place a meaning lives; the entries below them need the node or run graphs.
 IMPLS: dict[Op, Callable[..., np.ndarray]] = {
-    **{op: (lambda f: lambda node, *xs: f(*xs))(ELEMENTWISE_IMPLS[op])
-       for op in UNARY | BINARY | COMPARE | {Op.WHERE, Op.STOP_GRADIENT}},
-    Op.CONST: lambda node: np.full(node.shape, node.arg, node.dtype),
-    Op.CAST: lambda node, x: x.astype(node.dtype),
-    Op.MATMUL: lambda node, a, b: np.matmul(a, b),
-    Op.SUM: lambda node, x: np.sum(x, axis=node.arg[0], keepdims=node.arg[1]),
-    Op.REDUCE_MAX: lambda node, x: np.max(x, axis=node.arg[0], keepdims=node.arg[1]),
-    Op.ARGMAX: lambda node, x: np.argmax(x, axis=node.arg),
-    Op.ONEHOT: lambda node, ids: (ids[..., None] == np.arange(node.arg)),
-    Op.RESHAPE: lambda node, x: np.reshape(x, node.arg),
-    Op.TRANSPOSE: lambda node, x: np.transpose(x, node.arg),
-    Op.BROADCAST: lambda node, x: np.broadcast_to(x, node.arg),
-    Op.CONCAT: lambda node, *xs: np.concatenate(xs, axis=node.arg),
-    Op.SLICE: lambda node, x: _slice(x, node.arg),
-    Op.PAD: lambda node, x: _pad(x, node.arg),
+    **{op: (lambda op: lambda node, *xs: ELEMENTWISE_IMPLS[op](*xs))(op) for op in ELEMENTWISE_IMPLS},
+    **{op: (lambda op: lambda node, *xs: STRUCTURAL_IMPLS[op](node.arg, *xs))(op) for op in STRUCTURAL_IMPLS},
+    Op.CONST: _const,
+    Op.ONEHOT: _onehot,
     Op.PROJ: lambda node, xs: xs[node.arg],
     Op.LOOP: lambda node, *xs: run_loop(node.arg, xs),
     Op.FUSED: lambda node, *xs: tuple(evaluate(node.arg, xs)),

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
+
 from . import build as b
 from .loops import known_nodes, mark_role, merge_loops, replace_loops, segment_loop
 from .node import Graph, LoopInfo, Node, fresh_scope, proj, substitute, toposort
@@ -78,7 +80,8 @@ def _max_vjp(g: Node, ans: Node, x: Node) -> Node:
 def _pow_slope(ans: Node, x: Node, y: Node) -> Node:
     """d(x**y)/dx = y * x**(y-1); a constant exponent gives a constant y-1 (simplify then folds
     x**1 and x**2)."""
-    exponent = b.const(y.arg - 1, y.shape, y.dtype) if y.op is Op.CONST else y - 1  # type: ignore[operator]
+    # np.asarray: the arg of an array constant is a FrozenArray (numpy operands, see ops.py)
+    exponent = b.const(np.asarray(y.arg) - 1, y.shape, y.dtype) if y.op is Op.CONST else y - 1
     return y * b.pow(x, exponent)
 
 
@@ -556,9 +559,10 @@ def _wrt_list(wrt: Node | Sequence[Node], what: str) -> tuple[list[Node], bool]:
 
 
 def vjp(outputs: Sequence[Node], cotangents: Sequence[Node | None], wrt: Node | Sequence[Node],
-        policy: Policy = SaveAll(), *, _with_outputs: bool = False):
+        policy: Policy = SaveAll(), *, _with_outputs: bool = False, _seeded: bool = False):
     """Gradients of sum_i <outputs[i], cotangents[i]> with respect to each wrt node (zeros where
-    it does not depend on them), as IR nodes in wrt order (one node if wrt is one node)."""
+    it does not depend on them), as IR nodes in wrt order (one node if wrt is one node).
+    `_seeded`: the cotangents were made here (grad's seed), so they are backward nodes too."""
     outputs = [_single_output(o, "vjp") for o in outputs]
     wrt_nodes, single = _wrt_list(wrt, "vjp")
     if len(cotangents) != len(outputs):
@@ -568,7 +572,7 @@ def vjp(outputs: Sequence[Node], cotangents: Sequence[Node | None], wrt: Node | 
             raise ValueError(f"vjp: the cotangent of {out!r} must have its type {out.type}, found {ct.type_str()}")
     prepared = policy.prepare(outputs + wrt_nodes)
     outputs, wrt_nodes = prepared[:len(outputs)], prepared[len(outputs):]
-    known = known_nodes(outputs + wrt_nodes + [c for c in cotangents if c is not None])
+    known = known_nodes(outputs + wrt_nodes + ([] if _seeded else [c for c in cotangents if c is not None]))
     sweep = _Sweep(policy)
     grads = backprop(outputs, list(cotangents), wrt_nodes, sweep)
     grads = [_zeros(w) if g is None else g for g, w in zip(grads, wrt_nodes)]
@@ -600,7 +604,7 @@ def grad(loss: Node | Graph, wrt: Node | Sequence[Node], cotangent: Node | float
     one node when wrt is one node. A non-scalar loss needs `cotangent` (a value of its shape).
     `policy` decides what loops save for the backward pass (SaveAll, Recompute, Checkpoint(k))."""
     out = _single_output(loss, "grad")
-    return vjp([out], [_seed(out, cotangent)], wrt, policy)
+    return vjp([out], [_seed(out, cotangent)], wrt, policy, _seeded=not isinstance(cotangent, Node))
 
 
 def value_and_grad(loss: Node | Graph, wrt: Node | Sequence[Node], cotangent: Node | float | None = None,
@@ -609,5 +613,6 @@ def value_and_grad(loss: Node | Graph, wrt: Node | Sequence[Node], cotangent: No
     use: compile `[loss, *grads]` from these and every forward loop runs once."""
     out = _single_output(loss, "value_and_grad")
     wrt_nodes, single = _wrt_list(wrt, "value_and_grad")
-    (value,), grads = vjp([out], [_seed(out, cotangent)], wrt_nodes, policy, _with_outputs=True)
+    (value,), grads = vjp([out], [_seed(out, cotangent)], wrt_nodes, policy, _with_outputs=True,
+                          _seeded=not isinstance(cotangent, Node))
     return value, grads[0] if single else grads

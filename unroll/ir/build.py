@@ -1,7 +1,10 @@
 """Builder functions: the one way to make IR nodes, used by the DSL, the model library and the passes.
 
-Python scalars become `const` nodes of the other operand's dtype. Every function checks shapes at
-construction (see ops.TYPE_RULES) and errors name the op, the shapes and the user's line.
+Python and numpy scalars become `const` nodes of the other operand's dtype, and numpy arrays become
+array constants (a scalar `const` when all elements are equal, else a `FrozenArray` const). A float
+scalar or array with an integer or bool tensor is an error (cast the tensor first): truncating 1.5
+to 1 would silently change the math. Every function checks shapes at construction (see
+ops.TYPE_RULES) and errors name the op, the shapes and the user's line.
 """
 
 from __future__ import annotations
@@ -13,32 +16,128 @@ from typing import Sequence
 import numpy as np
 
 from .node import Node, user_location
-from .ops import FLOAT_DTYPES, Op, ShapeError, TensorType, normalize_dtype
+from .ops import FLOAT_DTYPES, INT_DTYPES, FrozenArray, Op, ShapeError, TensorType, normalize_dtype
 
-Value = Node | float | int
+Value = Node | float | int | np.number | np.ndarray
+Scalar = float | int | bool
 
 
-def const(value: float, shape: Sequence[int] = (), dtype: str = "float32") -> Node:
-    """A tensor of the given shape filled with one value."""
+def _scalar(value: object, dtype: str, what: str) -> Scalar:
+    """value as the Python scalar a CONST of `dtype` holds; `what` names the caller in errors."""
+    if dtype == "bool":
+        return bool(value)
+    if dtype in INT_DTYPES:
+        number = float(value) if isinstance(value, (float, np.floating)) else None  # type: ignore[arg-type]
+        if number is not None and not number.is_integer():
+            raise ShapeError(f"{what}: the value {number!r} is not an integer, but the constant is "
+                             f"{dtype}; round it first or make the constant float\n  at {user_location()}")
+        integer = int(value)  # type: ignore[call-overload]
+        info = np.iinfo(dtype)
+        if not info.min <= integer <= info.max:
+            raise ShapeError(f"{what}: the value {integer} does not fit {dtype} (expected {info.min} .. "
+                             f"{info.max})\n  at {user_location()}")
+        return integer
+    return float(value)  # type: ignore[arg-type]
+
+
+def _array(value: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    """value converted to `dtype` with the rules of _scalar (no truncation, no wrap-around)."""
+    if dtype in INT_DTYPES:
+        with np.errstate(invalid="ignore"):  # inf % 1 is nan: not an integer either
+            fractional = np.mod(value, 1) != 0 if value.dtype.kind == "f" else np.zeros(value.shape, bool)
+        if fractional.any():
+            bad = value[fractional].flat[0]
+            raise ShapeError(f"{what}: the array holds {float(bad)!r}, not an integer, but the constant is "
+                             f"{dtype}; round it first or make the constant float\n  at {user_location()}")
+        if value.size and value.dtype.kind in "iuf":
+            info = np.iinfo(dtype)
+            lo, hi = value.min(), value.max()
+            if lo < info.min or hi > info.max:
+                raise ShapeError(f"{what}: the array holds values in {lo} .. {hi}, which do not fit {dtype}"
+                                 f"\n  at {user_location()}")
+    return value.astype(dtype)
+
+
+def _uniform(arr: np.ndarray) -> bool:
+    """Every element has the bytes of the first (so -0.0 and 0.0 differ, and NaNs of one kind agree)."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if flat.size <= 1:
+        return True
+    data = flat.view(np.uint8).reshape(flat.size, -1)
+    return bool(np.all(data == data[0]))
+
+
+def const_arg(value: object, shape: Sequence[int], dtype: str, what: str = "const") -> object:
+    """The arg of a CONST of `shape` and `dtype` holding `value` (a scalar, or an array broadcast to
+    `shape`): a Python scalar when every element is equal, else a FrozenArray. The text parser uses
+    it too, so `parse(print_graph(g))` builds the same nodes."""
+    shape = tuple(shape)
+    if not isinstance(value, (np.ndarray, FrozenArray, list, tuple)):
+        return _scalar(value, dtype, what)
+    arr = _array(np.asarray(value), dtype, what)
+    try:
+        arr = np.broadcast_to(arr, shape)
+    except ValueError:
+        raise ShapeError(f"{what}: an array of shape {list(arr.shape)} does not broadcast to the "
+                         f"constant's shape {list(shape)}\n  at {user_location()}") from None
+    if _uniform(arr):
+        return _scalar(arr.reshape(-1)[0] if arr.size else 0, dtype, what)
+    return FrozenArray(arr)
+
+
+def const(value: object, shape: Sequence[int] | None = None, dtype: str = "float32", what: str = "const"
+          ) -> Node:
+    """A constant tensor: one value filling `shape` (default ()), or a numpy array (default shape: the
+    array's; broadcast to `shape` if given). An integer dtype takes integral values only. `what`
+    names the op in errors (an operand lifted for `add` reports as add)."""
     dtype = normalize_dtype(dtype)
-    value = bool(value) if dtype == "bool" else int(value) if dtype.startswith("int") else float(value)
-    return Node.leaf(Op.CONST, TensorType(tuple(shape), dtype), value)
+    if shape is None:
+        shape = np.shape(value) if isinstance(value, (np.ndarray, FrozenArray, list, tuple)) else ()
+    shape_t = tuple(int(d) for d in shape)
+    return Node.leaf(Op.CONST, TensorType(shape_t, dtype), const_arg(value, shape_t, dtype, what))
 
 
-def _lift(x: Value, like: Node) -> Node:
+def _lift(op: Op, x: Value, like: Node) -> Node:
+    """An operand of `op` as a node: numbers and numpy arrays become constants of like's dtype."""
     if isinstance(x, Node):
         return x
-    if isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
-        return const(float(x) if like.dtype in FLOAT_DTYPES else int(x), (), like.dtype)
-    raise TypeError(f"expected an unroll value or a Python number, found {type(x).__name__} at "
-                    f"{user_location()}")
+    if isinstance(x, (np.ndarray, np.generic)) and x.dtype.kind in "biuf":
+        arr = np.asarray(x)
+        kind = arr.dtype.kind
+    elif isinstance(x, (bool, int, float)):
+        arr, kind = None, "b" if isinstance(x, bool) else "f" if isinstance(x, float) else "i"
+    else:
+        raise TypeError(f"{op.value}: expected an unroll value, a number or a numpy array, found "
+                        f"{type(x).__name__}\n  at {user_location()}")
+    hint = _mixing_hint(kind, like.dtype)
+    if hint is not None:
+        found = {"f": "a float", "b": "a bool"}.get(kind, "an integer")
+        shown = repr(x) if arr is None or arr.ndim == 0 else f"({arr.dtype} array of shape {list(arr.shape)})"
+        raise ShapeError(f"{op.value}: {found} operand {shown} with the {like.dtype} tensor {like.type}; "
+                         f"{hint}\n  at {user_location()}")
+    if arr is None or arr.ndim == 0:
+        return const(x if arr is None else arr.item(), (), like.dtype, op.value)
+    return const(arr, arr.shape, like.dtype, op.value)
 
 
-def _pair(a: Value, b: Value) -> tuple[Node, Node]:
+def _mixing_hint(kind: str, dtype: str) -> str | None:
+    """What to do when an operand of numpy kind `kind` (b, i, u, f) meets a tensor of `dtype`, or
+    None when they mix: ints convert to floats (as in numpy); anything else would truncate or
+    reinterpret values silently."""
+    if kind == "f" and dtype not in FLOAT_DTYPES:
+        return "cast the tensor first with ur.cast(x, 'float32')"
+    if kind in "iu" and dtype == "bool":
+        return "cast the tensor first with ur.cast(x, 'int32')"
+    if kind == "b" and dtype != "bool":
+        return f"use a {dtype} operand (for an array: arr.astype('{dtype}'))"
+    return None
+
+
+def _pair(op: Op, a: Value, b: Value) -> tuple[Node, Node]:
     if not isinstance(a, Node) and not isinstance(b, Node):
-        raise TypeError("at least one operand must be an unroll value")
+        raise TypeError(f"{op.value}: at least one operand must be an unroll value\n  at {user_location()}")
     like = a if isinstance(a, Node) else b
-    return _lift(a, like), _lift(b, like)  # type: ignore[arg-type]
+    return _lift(op, a, like), _lift(op, b, like)  # type: ignore[arg-type]
 
 
 def unary(op: Op, x: Node) -> Node:
@@ -46,7 +145,7 @@ def unary(op: Op, x: Node) -> Node:
 
 
 def binary(op: Op, a: Value, b: Value) -> Node:
-    return Node.make(op, _pair(a, b))
+    return Node.make(op, _pair(op, a, b))
 
 
 def neg(x: Node) -> Node: return unary(Op.NEG, x)
@@ -79,7 +178,7 @@ def not_equal(a: Value, b: Value) -> Node: return binary(Op.NE, a, b)
 
 
 def where(cond: Node, a: Value, b: Value) -> Node:
-    a, b = _pair(a, b)
+    a, b = _pair(Op.WHERE, a, b)
     return Node.make(Op.WHERE, (cond, a, b))
 
 
@@ -88,8 +187,8 @@ def cast(x: Node, dtype: object) -> Node:
     return x if x.dtype == dtype else Node.make(Op.CAST, (x,), dtype)
 
 
-def matmul(a: Node, b: Node) -> Node:
-    return Node.make(Op.MATMUL, (a, b))
+def matmul(a: Value, b: Value) -> Node:
+    return Node.make(Op.MATMUL, _pair(Op.MATMUL, a, b))
 
 
 def _axes(x: Node, axis: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -108,6 +207,11 @@ def max(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False
 
 
 def mean(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+    """The average over `axis`. An integer or bool tensor is averaged in float32 (JAX's choice; numpy
+    would give float64): summing first in the integer dtype could wrap, and the mean of ints is
+    rarely an int."""
+    if x.dtype not in FLOAT_DTYPES:
+        x = cast(x, "float32")
     axes = _axes(x, axis)
     count = math.prod(x.shape[a] for a in axes if 0 <= a < x.ndim)
     return sum(x, axes, keepdims) * (1.0 / count if count else 0.0)

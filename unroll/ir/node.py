@@ -17,7 +17,7 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Container, Iterable, Iterator, Sequence
+from typing import Callable, Container, Iterable, Iterator, NoReturn, Sequence
 
 from .ops import ARITY, LEAVES, TYPE_RULES, Op, ShapeError, TensorType
 
@@ -141,6 +141,15 @@ class Node:
     # `==` must stay identity for interned nodes.
     __hash__ = object.__hash__
 
+    # numpy must not handle `ndarray + node` or `np.float64(0.9) * node` itself (it would build an
+    # object array with one node per element): this makes its operators return NotImplemented, so
+    # Python calls our reflected operator, which turns the numpy operand into a constant.
+    __array_ufunc__ = None
+
+    def __array__(self, dtype: object = None, copy: object = None) -> NoReturn:
+        raise TypeError(f"{self!r} is a symbolic unroll value with no numpy value yet; compute it with "
+                        f"ur.compile(...)(**feeds)")
+
     def __add__(self, o: object) -> "Node": return _b().add(self, o)
     def __radd__(self, o: object) -> "Node": return _b().add(o, self)
     def __sub__(self, o: object) -> "Node": return _b().sub(self, o)
@@ -150,8 +159,9 @@ class Node:
     def __truediv__(self, o: object) -> "Node": return _b().div(self, o)
     def __rtruediv__(self, o: object) -> "Node": return _b().div(o, self)
     def __pow__(self, o: object) -> "Node": return _b().pow(self, o)
-    def __matmul__(self, o: "Node") -> "Node": return _b().matmul(self, o)
-    def __rmatmul__(self, o: "Node") -> "Node": return _b().matmul(o, self)
+    def __rpow__(self, o: object) -> "Node": return _b().pow(o, self)
+    def __matmul__(self, o: object) -> "Node": return _b().matmul(self, o)
+    def __rmatmul__(self, o: object) -> "Node": return _b().matmul(o, self)
     def __neg__(self) -> "Node": return _b().neg(self)
     def __lt__(self, o: object) -> "Node": return _b().less(self, o)
     def __gt__(self, o: object) -> "Node": return _b().greater(self, o)

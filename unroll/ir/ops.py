@@ -1,13 +1,12 @@
 """The op vocabulary of the IR: op names, op groups, dtypes, and shape/dtype rules as one table.
 
-Adding an op means one entry here (its type rule), one in `backends/numpy_ref.py` (its meaning) and
-one in `ir/autodiff.py` (its VJP, or its listing as non-differentiable); tests fail until all exist.
-
 Ops and their `arg`:
   input    arg=name                      a graph input fed by the caller
   param    arg=(name, init)              a trainable input; `init` is a spec string ("uniform:0.125")
   arg      arg=index                     the index-th argument of a loop body (closed scope)
-  const    arg=value                     a tensor filled with one float/int value
+  const    arg=value                     a tensor filled with one float/int/bool value, or, for a
+                                         non-uniform constant (a numpy operand), a FrozenArray of
+                                         exactly the node's shape and dtype (build.const decides)
   unary    (neg exp log tanh sigmoid relu sqrt abs sign recip log1p)
   binary   (add sub mul div pow max min) numpy broadcasting
   compare  (lt le gt ge eq ne)           numpy broadcasting, result dtype bool
@@ -16,7 +15,8 @@ Ops and their `arg`:
   matmul   (..., M, K) @ (..., K, N)     batch dims broadcast like numpy
   sum/max  arg=(axes, keepdims)
   argmax   arg=axis                      int32 result
-  onehot   arg=depth                     int tensor -> float32 (..., depth)
+  onehot   arg=depth                     int tensor -> float32 (..., depth); an id outside
+                                         [0, depth) is an error when run (IndexError)
   reshape  arg=shape
   transpose arg=perm
   broadcast arg=shape                    numpy broadcast_to
@@ -27,6 +27,49 @@ Ops and their `arg`:
   loop     arg=LoopInfo                  see `unroll.ir.node.LoopInfo`
   proj     arg=index                     one output of a multi-output node (loop, fused)
   fused    arg=Graph                     a fused elementwise kernel (built by ir/fuse_cells)
+
+Integer and bool tensors (the rules every backend must agree on; numpy is the reference):
+  - Operands of one op share one dtype; nothing is promoted implicitly (cast explicitly).
+  - A Python or numpy int (or int array) with an int or float tensor becomes a constant of the
+    tensor's dtype. A float scalar or array with an int or bool tensor is an error that names the
+    op and says to cast (`i32 + 1.5` would otherwise truncate to `i32 + 1`), even when the float is
+    integral: a float literal asks for float math. An int that does not fit the dtype is an error.
+    `ur.const`/`ur.full` with an int dtype take integral values only (2.0 is fine, 2.5 is not).
+  - Float-only: every unary op (neg, abs, sign, relu, exp, ...: write 0 - x to negate an int),
+    div (integer division rounds and divides by zero differently in numpy, Numba and CUDA) and
+    pow (a negative integer power has no integer result). See FLOAT_ONLY_BINARY.
+  - add, sub, mul, maximum, minimum, sum, max wrap around on overflow in the tensor's dtype, as
+    numpy's fixed-width ints do (sum does not widen int32 to int64).
+  - `ur.mean` of an int or bool tensor is float32 (JAX's choice; numpy would give float64).
+  - cast float -> int truncates toward zero; NaN, inf or an out-of-range float cast to int has no
+    defined value (the backends differ), so keep such values out of integer casts.
+  - Bool tensors take no binary arithmetic and no number operands (cast first); compares, where,
+    cast, movement and reductions work on them (the sum or max of bools is their "any").
+  - onehot (and so nn.Embedding) raises IndexError for an id outside [0, depth) (torch raises too);
+    an all-zero row would silently train on nothing.
+
+Adding an op: each place below is a table keyed by Op (most assert their coverage, so tests fail
+until all exist; "auto" marks tables that take new elementwise ops from the group sets):
+  unroll/ir/ops.py                 Op, its group set (UNARY, BINARY, ..., MOVEMENT), TYPE_RULES,
+                                   ARITY (and FLOAT_ONLY_BINARY for a float-only binary op)
+  unroll/ir/semantics.py           ELEMENTWISE_IMPLS or STRUCTURAL_IMPLS: its numpy meaning
+  unroll/backends/numpy_ref.py     IMPLS: auto from semantics; an entry of its own only for ops that
+                                   run graphs (loop, proj, fused) or need the node (const, onehot)
+  unroll/ir/build.py               its builder function (exported in unroll/__init__.py)
+  unroll/ir/autodiff.py            VJPS, or NON_DIFFERENTIABLE
+  unroll/ir/simplify.py            RULES (auto: fold_elementwise; other ops need a fold rule to fold)
+  unroll/ir/hoist.py               BATCH_RULES: batching it over the time steps (auto for elementwise)
+  unroll/ir/text.py                ATTR_TEXT and ATTR_PARSE, when it has an arg
+  unroll/viz.py                    ARG_TEXT, when its arg is worth a label
+  unroll/ir/optimize.py            node_cost / COPIES (the cost report)
+  unroll/backends/lower/scalar.py  SCALAR_EXPRS (every elementwise op), INT_OVERRIDES if ints differ
+  unroll/backends/lower/index.py   POINTWISE_READS and sources(), for ops read element by element
+  unroll/backends/cpu/codegen.py   _EMITTERS (auto: emit_elementwise)
+  unroll/backends/cuda/codegen.py  INLINE_OPS and _STRUCTURED (reductions are also special-cased in
+                                   cuda/backend.py and cuda/loop.py)
+  tests/test_autodiff.py           CASES: a finite-difference check for every op in VJPS
+  tests/strategies.py              the random-graph generators (SMOOTH_/KINKED_UNARY,
+                                   SMOOTH_/KINKED_BINARY, INT_BINARY, COMPARE)
 """
 
 from __future__ import annotations
@@ -35,6 +78,8 @@ import enum
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import numpy as np
 
 
 class Op(enum.Enum):
@@ -137,6 +182,68 @@ class ShapeError(ValueError):
     """A node cannot be built: wrong shapes or dtypes. The message names op, expected and found."""
 
 
+class UnsupportedConstant(NotImplementedError):
+    """A backend read a non-uniform array constant as one scalar (see FrozenArray)."""
+
+
+class FrozenArray:
+    """The arg of a non-uniform CONST: a read-only numpy array of exactly the node's shape and dtype.
+
+    It is compared and hashed by content (dtype, shape and bytes), so equal constants intern to one
+    node. It has no single fill value: `float()`, `int()`, `bool()` and `index()` raise
+    UnsupportedConstant, so a backend that reads every CONST's arg as one scalar fails with a clear
+    error instead of computing with a wrong value. `np.asarray(value)` gives the array.
+    Build one with `build.const(array)`, which keeps constants whose elements are all equal as a scalar.
+    """
+
+    __slots__ = ("array", "_key", "_hash")
+
+    def __init__(self, array: object) -> None:
+        arr = np.array(array, order="C")  # a private copy
+        arr.flags.writeable = False
+        self.array = arr
+        self._key = (arr.dtype.str, arr.shape, arr.tobytes())
+        self._hash = hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FrozenArray):
+            return NotImplemented
+        return self._hash == other._hash and self._key == other._key
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type, tuple[np.ndarray]]:
+        return FrozenArray, (self.array,)  # unpickled through __init__: read-only again
+
+    def __array__(self, dtype: object = None, copy: bool | None = None) -> np.ndarray:
+        if dtype is not None and np.dtype(dtype) != self.array.dtype:  # type: ignore[call-overload]
+            return self.array.astype(dtype)  # type: ignore[call-overload]
+        return self.array.copy() if copy else self.array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> str:
+        return str(self.array.dtype)
+
+    def __str__(self) -> str:
+        return np.array2string(self.array, separator=", ", threshold=16)
+
+    def __repr__(self) -> str:
+        return f"FrozenArray({self})"
+
+    def _no_scalar(self, *_: object) -> None:
+        raise UnsupportedConstant(
+            f"const: a non-uniform array constant {TensorType(self.shape, self.dtype)} has no single fill "
+            f"value; this backend supports only constants filled with one value (the numpy backend runs "
+            f"array constants): {self}")
+
+    __float__ = __int__ = __index__ = __bool__ = _no_scalar  # type: ignore[assignment]
+
+
 def normalize_dtype(dtype: object) -> str:
     """Accept 'float32', 'f32', np.float32, np.dtype('float32')."""
     name = getattr(dtype, "__name__", None) or str(getattr(dtype, "name", dtype))
@@ -188,10 +295,22 @@ def _unary(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
     return ts[0]
 
 
+# binary ops without an integer meaning every backend shares: integer division rounds and divides by
+# zero differently in numpy, Numba and CUDA, and a negative integer power has no integer result
+FLOAT_ONLY_BINARY: dict[Op, str] = {
+    Op.DIV: "integer division is not supported (backends disagree on rounding and on division by "
+            "zero); cast to float first with ur.cast(x, 'float32')",
+    Op.POW: "integer powers are not supported (a negative exponent has no integer result); cast to "
+            "float first with ur.cast(x, 'float32'), or write x * x for a square",
+}
+
+
 def _binary(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
     dtype = _same_dtype(op, ts)
     if dtype == "bool":
         raise ShapeError(f"{op.value}: arithmetic on bool tensors; cast first, found {ts[0]}, {ts[1]}")
+    if op in FLOAT_ONLY_BINARY and dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"{op.value}: {FLOAT_ONLY_BINARY[op]}; found {ts[0]} and {ts[1]}")
     return TensorType(broadcast_shapes(op, ts[0].shape, ts[1].shape), dtype)
 
 

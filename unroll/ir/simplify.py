@@ -3,14 +3,17 @@
 `simplify(graph)` repeats, until nothing changes, one round of:
 
 1. Local rules, bottom-up in every graph and loop body (RULES below, one list per op): ops on
-   constant leaves fold to a constant leaf; identities such as x*1, x+0, x**1, x**2 -> x*x,
+   constant leaves fold to a constant leaf, computed with ir/semantics.py's numpy tables (the ones
+   the reference interpreter runs; an array constant folds only where the result stores no more
+   elements than the arrays it reads); identities such as x*1, x+0, x**1, x**2 -> x*x,
    transpose(transpose(x)), (a.T @ c).T -> c.T @ a, reshape(reshape(x)), broadcast to the same
    shape, a full slice, slice of slice / of a concat part / of a pad's interior, a concat of
    consecutive slices of one tensor (the gate split undone), nested concats, double negation,
    stop_gradient (see below), and a sum of disjoint pads -> one concat (a gate split's backward).
 2. Loop rules (`simplify_loop`): a const or sequence passed twice is taken once; a constant leaf
-   passed as const/sequence moves into the body (so it folds there); a sequence read only through
-   slices is passed pre-sliced; a carried value that is loop-invariant (passed through unchanged,
+   passed as const/sequence moves into the body (so it folds there; an array constant only as a
+   const: as a sequence the body needs its step's slice); a sequence read only through slices is
+   passed pre-sliced; a carried value that is loop-invariant (passed through unchanged,
    or initialised to c and updated to the same c, e.g. a gradient carry made zero by truncation)
    becomes a const and its final value is its initial value; a per-step output that is a sequence
    slice or loop-invariant is computed outside.
@@ -30,6 +33,7 @@ optimized graph would ignore the removed stop_gradient). The pass never changes 
 
 from __future__ import annotations
 
+import builtins
 import math
 from typing import Callable, Sequence
 
@@ -38,8 +42,10 @@ import numpy as np
 from . import build as b
 from .dce import dce_nodes
 from .node import Graph, LoopInfo, Node, proj, rewrite, toposort
-from .ops import ELEMENTWISE, FLOAT_DTYPES, Op
-from .patterns import OpenLoop, const_value, graph_like, is_const, is_swap_transpose, make, rebuild, users
+from .ops import ELEMENTWISE, FLOAT_DTYPES, FrozenArray, Op
+from . import patterns
+from .patterns import OpenLoop, graph_like, is_const, is_swap_transpose, make, rebuild, users
+from .semantics import ELEMENTWISE_IMPLS, STRUCTURAL_IMPLS
 
 MAX_ROUNDS = 20
 
@@ -113,38 +119,59 @@ def _fit(x: Node, like: Node) -> Node | None:
         return None
 
 
+def const_value(node: Node) -> float | int | bool | None:
+    """The one fill value of a constant leaf; None for anything else, array constants included
+    (the rules below that read one value do not apply to them)."""
+    value = patterns.const_value(node)
+    return None if isinstance(value, FrozenArray) else value
+
+
 def _const(value: object, like: Node) -> Node:
-    return b.const(value, like.shape, like.dtype)  # type: ignore[arg-type]
+    """A constant leaf of like's type holding a scalar or an array of like's shape."""
+    return b.const(value, like.shape, like.dtype)
 
 
-# constant folding: the numpy meaning of each elementwise op (mirrors backends/numpy_ref, which ir
-# must not import; tests/test_passes.py checks the two tables agree)
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    from scipy.special import expit  # what the reference uses: folded values match it exactly
-    return expit(x)
+# constant folding: the numpy meaning of each op is ir/semantics.py's, the table the reference
+# interpreter runs, so a folded value is exactly what the reference computes
+FOLD = ELEMENTWISE_IMPLS  # the elementwise table under the name tests/test_passes.py checks
 
 
-FOLD: dict[Op, Callable[..., np.ndarray]] = {
-    Op.NEG: np.negative, Op.EXP: np.exp, Op.LOG: np.log, Op.TANH: np.tanh, Op.SIGMOID: _sigmoid,
-    Op.RELU: lambda x: np.maximum(x, 0).astype(x.dtype), Op.SQRT: np.sqrt, Op.ABS: np.abs,
-    Op.SIGN: np.sign, Op.RECIP: lambda x: (1 / x).astype(x.dtype), Op.LOG1P: np.log1p,
-    Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide, Op.POW: np.power,
-    Op.MAX: np.maximum, Op.MIN: np.minimum,
-    Op.LT: np.less, Op.LE: np.less_equal, Op.GT: np.greater, Op.GE: np.greater_equal,
-    Op.EQ: np.equal, Op.NE: np.not_equal, Op.WHERE: np.where, Op.STOP_GRADIENT: lambda x: x,
-}
+def _fold_value(node: Node, values: list[np.ndarray]) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        if node.op in ELEMENTWISE_IMPLS:
+            value = ELEMENTWISE_IMPLS[node.op](*values)
+        else:
+            value = STRUCTURAL_IMPLS[node.op](node.arg, *values)
+    return np.asarray(value).astype(node.dtype)
+
+
+def _array_fold(node: Node) -> np.ndarray | None:
+    """node's value computed from its constant sources when one of them is an array constant and the
+    result stores no more elements than those arrays together (folding must not blow a small array
+    up into a big one: broadcast(array) stays a broadcast). None otherwise."""
+    if not node.src or not all(s.op is Op.CONST for s in node.src):
+        return None
+    stored = builtins.sum(s.tensor_type.size for s in node.src if isinstance(s.arg, FrozenArray))
+    if not stored or node.tensor_type.size > stored:
+        return None
+    values = [np.asarray(s.arg, s.dtype) if isinstance(s.arg, FrozenArray) else
+              np.full(s.shape, s.arg, s.dtype) for s in node.src]
+    return np.broadcast_to(_fold_value(node, values), node.shape)
+
+
+def fold_arrays(node: Node) -> Node | None:
+    """An op on constant leaves at least one of which is an array constant (the first rule of every
+    foldable op; the scalar rules below see array constants as non-constants)."""
+    if not any(s.op is Op.CONST and isinstance(s.arg, FrozenArray) for s in node.src):
+        return None
+    array = _array_fold(node)
+    return None if array is None else _const(array, node)
 
 
 def fold_elementwise(node: Node) -> Node | None:
-    if not node.src or not all(s.op is Op.CONST for s in node.src):
+    if not node.src or any(const_value(s) is None for s in node.src):
         return None
-    vals = [np.asarray(s.arg, dtype=s.dtype) for s in node.src]
-    with np.errstate(all="ignore"):
-        if node.op is Op.CAST:
-            value = vals[0].astype(node.dtype)
-        else:
-            value = np.asarray(FOLD[node.op](*vals)).astype(node.dtype)
-    return _const(value.item(), node)
+    return _const(_fold_value(node, [np.asarray(s.arg, dtype=s.dtype) for s in node.src]).item(), node)
 
 
 def fold_movement(node: Node) -> Node | None:
@@ -154,7 +181,7 @@ def fold_movement(node: Node) -> Node | None:
         return _const(v, node)
     if node.op is Op.PAD and v is not None and v == 0:
         return _const(v, node)
-    if node.op is Op.CONCAT and all(s.op is Op.CONST for s in node.src) \
+    if node.op is Op.CONCAT and all(const_value(s) is not None for s in node.src) \
             and len({repr(s.arg) for s in node.src}) == 1:
         return _const(v, node)
     return None
@@ -175,7 +202,8 @@ def fold_reduce(node: Node) -> Node | None:
 
 
 def fold_argmax(node: Node) -> Node | None:
-    return _const(0, node) if node.src[0].op is Op.CONST else None
+    # every element of a filled tensor is the first maximum
+    return _const(0, node) if const_value(node.src[0]) is not None else None
 
 
 def fold_matmul(node: Node) -> Node | None:
@@ -498,27 +526,27 @@ def sum_trivial(node: Node) -> Node | None:
 
 
 RULES: dict[Op, list[Rule]] = {
-    **{op: [fold_elementwise] for op in ELEMENTWISE},
-    Op.ADD: [fold_elementwise, add_zero],
-    Op.SUB: [fold_elementwise, sub_zero],
-    Op.MUL: [fold_elementwise, mul_zero, mul_one],
-    Op.DIV: [fold_elementwise, div_one],
-    Op.POW: [fold_elementwise, pow_small],
-    Op.NEG: [fold_elementwise, neg_neg],
-    Op.MAX: [fold_elementwise, same_operands],
-    Op.MIN: [fold_elementwise, same_operands],
-    Op.WHERE: [fold_elementwise, where_known],
+    **{op: [fold_arrays, fold_elementwise] for op in ELEMENTWISE},
+    Op.ADD: [fold_arrays, fold_elementwise, add_zero],
+    Op.SUB: [fold_arrays, fold_elementwise, sub_zero],
+    Op.MUL: [fold_arrays, fold_elementwise, mul_zero, mul_one],
+    Op.DIV: [fold_arrays, fold_elementwise, div_one],
+    Op.POW: [fold_arrays, fold_elementwise, pow_small],
+    Op.NEG: [fold_arrays, fold_elementwise, neg_neg],
+    Op.MAX: [fold_arrays, fold_elementwise, same_operands],
+    Op.MIN: [fold_arrays, fold_elementwise, same_operands],
+    Op.WHERE: [fold_arrays, fold_elementwise, where_known],
     Op.STOP_GRADIENT: [drop_stop_gradient],
-    Op.MATMUL: [fold_matmul, matmul_zero],
-    Op.SUM: [fold_reduce, sum_trivial],
-    Op.REDUCE_MAX: [fold_reduce, sum_trivial],
-    Op.ARGMAX: [fold_argmax],
-    Op.RESHAPE: [fold_movement, reshape_reshape],
-    Op.TRANSPOSE: [fold_movement, transpose_transpose],
-    Op.BROADCAST: [fold_movement, broadcast_broadcast],
-    Op.SLICE: [fold_movement, slice_rules],
-    Op.PAD: [fold_movement],
-    Op.CONCAT: [fold_movement, concat_rules],
+    Op.MATMUL: [fold_arrays, fold_matmul, matmul_zero],
+    Op.SUM: [fold_arrays, fold_reduce, sum_trivial],
+    Op.REDUCE_MAX: [fold_arrays, fold_reduce, sum_trivial],
+    Op.ARGMAX: [fold_arrays, fold_argmax],
+    Op.RESHAPE: [fold_arrays, fold_movement, reshape_reshape],
+    Op.TRANSPOSE: [fold_arrays, fold_movement, transpose_transpose],
+    Op.BROADCAST: [fold_arrays, fold_movement, broadcast_broadcast],
+    Op.SLICE: [fold_arrays, fold_movement, slice_rules],
+    Op.PAD: [fold_arrays, fold_movement],
+    Op.CONCAT: [fold_arrays, fold_movement, concat_rules],
 }
 
 
@@ -575,8 +603,9 @@ def _constant_sources(ol: OpenLoop) -> bool:
     for values, holders in ((ol.consts, ol.const_args), (ol.xs, ol.x_args)):
         keep = []
         for i, (v, h) in enumerate(zip(values, holders)):
-            if v.op is Op.CONST:
-                mapping[h] = b.const(v.arg, h.shape, h.dtype)  # type: ignore[arg-type]
+            # an array constant passed as a sequence stays one: the body needs its step's slice
+            if v.op is Op.CONST and not (holders is ol.x_args and isinstance(v.arg, FrozenArray)):
+                mapping[h] = b.const(v.arg, h.shape, h.dtype)
             else:
                 keep.append(i)
         values[:] = [values[i] for i in keep]

@@ -22,7 +22,7 @@ Grammar (one statement per line; the parser ignores indentation and blank lines)
     statement  := NAME "=" expr ":" type ["{" NEWLINE graph "}"] [comment]
     expr       := "input" STRING
                 | "param" STRING "init=" (WORD | STRING)        init spec, e.g. uniform:0.125
-                | "const" NUMBER                                 true/false for bool; floats as repr()
+                | "const" (NUMBER | ARRAY)                       true/false for bool; floats as repr()
                 | "arg" VALUE                                    a stray body argument (broken IR only)
                 | "proj" NAME INDEX                              INDEX is "#" INT, e.g. #0
                 | "loop" "length=" INT "reverse=" BOOL
@@ -39,6 +39,9 @@ Grammar (one statement per line; the parser ignores indentation and blank lines)
     STRING     := a JSON string, e.g. "x"
     NUMBER     := an int, or a float as Python's repr writes it: 0.5, 1e-05, -0.0, inf, -inf, nan
     VALUE      := INT | NUMBER | STRING | "(" [VALUE ("," VALUE)*] ")" | "[" ... "]"
+    ARRAY      := "[" [ELEMENT ("," ELEMENT)*] "]"    ELEMENT := NUMBER | "true" | "false" | ARRAY
+                                    a non-uniform constant, one nesting level per axis of its type,
+                                    e.g. const [[1.0, 2.0], [3.0, 4.0]] : f32[2,2]
 
     attrs by op:  sum, max       axes=(0,1) keepdims=false
                   argmax         axis=1           concat   axis=0          onehot  depth=10
@@ -59,9 +62,12 @@ Meaning:
 - Side data (node.step, node.role) and, with `print_graph(g, locs=True)`, the source line are printed
   as trailing comments. The parser restores them on nodes that do not have them yet; other comments
   are ignored. Source lines are off by default so golden text does not depend on the machine.
+- A const is printed as one number when every element is equal, else as an ARRAY (its FrozenArray
+  arg, see ops.py); the parser stores an ARRAY with equal elements as one number, as build.const does.
 - `parse` rebuilds every node with Node.make, so types are re-inferred and must equal the written
-  ones; since nodes are interned, `parse(print_graph(g)) == g`. (A NaN constant parses to a new node:
-  NaN != NaN. A top-level input leaf that is not a graph input, which verify rejects, parses as one.)
+  ones; since nodes are interned, `parse(print_graph(g)) == g`. (A NaN scalar constant parses to a
+  new node: NaN != NaN; array constants compare by their bytes, so theirs round-trip. A top-level
+  input leaf that is not a graph input, which verify rejects, parses as one.)
 """
 
 from __future__ import annotations
@@ -71,8 +77,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
+from .build import const_arg
 from .node import Graph, LoopInfo, Node, NodeType, nested_body, toposort
-from .ops import DTYPE_SHORT, INT_DTYPES, REDUCE, SHORT_DTYPE, Op, ShapeError, TensorType
+from .ops import DTYPE_SHORT, INT_DTYPES, REDUCE, SHORT_DTYPE, FrozenArray, Op, ShapeError, TensorType
 
 
 class ParseError(ValueError):
@@ -89,13 +98,26 @@ def _tuple(values: object) -> str:
     return "(" + ",".join(str(int(v)) for v in values) + ")"  # type: ignore[union-attr]
 
 
+def _scalar_text(value: object, dtype: str) -> str:
+    if dtype == "bool":
+        return _bool(value)
+    if dtype in INT_DTYPES:
+        return str(int(value))  # type: ignore[call-overload]
+    return repr(float(value))  # type: ignore[arg-type]  # repr round-trips exactly
+
+
+def _array_text(array: np.ndarray, dtype: str) -> str:
+    """Nested lists, one level per axis: [[1.0, 2.0], [3.0, 4.0]]. Recursion follows the rank."""
+    if array.ndim == 0:
+        return _scalar_text(array.item(), dtype)
+    return "[" + ", ".join(_array_text(row, dtype) for row in array) + "]"
+
+
 def _const_text(node: Node) -> str:
     dtype = node.type.dtype  # type: ignore[union-attr]
-    if dtype == "bool":
-        return _bool(node.arg)
-    if dtype in INT_DTYPES:
-        return str(int(node.arg))  # type: ignore[call-overload]
-    return repr(float(node.arg))  # type: ignore[arg-type]  # repr round-trips exactly
+    if isinstance(node.arg, FrozenArray):
+        return _array_text(node.arg.array, dtype)
+    return _scalar_text(node.arg, dtype)
 
 
 _SIMPLE_WORD = re.compile(r"[A-Za-z_]\w*(?::[A-Za-z0-9_.+-]+)?$")
@@ -391,6 +413,24 @@ class _Cursor:
 
 # ---- parsing ------------------------------------------------------------------------------------
 
+def _parse_array(c: _Cursor) -> list[object]:
+    """An array constant's nested lists: [[1.0, 2.0], [3.0, 4.0]]; elements are numbers or true/false.
+    Recursion follows the rank."""
+    c.expect("[", "'[' starting an array constant")
+    items: list[object] = []
+    while not c.take("]"):
+        if items:
+            c.expect(",", "',' or ']' in an array constant")
+        if c.at("["):
+            items.append(_parse_array(c))
+        elif c.at("true") or c.at("false"):
+            items.append(c.bool())
+        else:
+            text = c.kind("num", "a number, true, false or '[' in an array constant")
+            items.append(float(text) if any(ch in text for ch in ".eEn") else int(text))
+    return items
+
+
 def _parse_slice(c: _Cursor) -> tuple[tuple[int, int, int], ...]:
     c.expect("[", "'[' starting slice bounds like [0:16:1, 0:64:1]")
     triples: list[tuple[int, int, int]] = []
@@ -660,7 +700,7 @@ def _statement(c: _Cursor, scope: _Scope, side: dict[str, str]) -> _Header | Non
             c.kind("word", "an init spec like uniform:0.125")
         arg = (pname, init)
     elif op is Op.CONST:
-        arg = c.value() if not (c.at("true") or c.at("false")) else c.bool()
+        arg = _parse_array(c) if c.at("[") else c.bool() if c.at("true") or c.at("false") else c.value()
     elif op is Op.ARG:
         arg = c.value()
     elif op is Op.PROJ:
@@ -687,9 +727,26 @@ def _statement(c: _Cursor, scope: _Scope, side: dict[str, str]) -> _Header | Non
 def _leaf(c: _Cursor, op: Op, type_: NodeType, arg: object, loc: str) -> Node:
     if not isinstance(type_, TensorType):
         raise ParseError(f"line {c.lineno}: expected a tensor type for {op.value}, found a tuple\n  {c.line.strip()}")
-    if op is Op.CONST:  # the dtype decides the Python type of the value (as build.const does)
-        arg = bool(arg) if type_.dtype == "bool" else int(arg) if type_.dtype in INT_DTYPES else float(arg)  # type: ignore[call-overload,arg-type]
+    if op is Op.CONST:  # the arg build.const would store: the dtype's scalar type, or a FrozenArray
+        if isinstance(arg, list):
+            shape = np.shape(arg) if _rectangular(arg) else None
+            if shape != type_.shape:
+                found = f"shape {list(shape)}" if shape is not None else "rows of different lengths"
+                raise ParseError(f"line {c.lineno}: expected an array constant of shape {list(type_.shape)} "
+                                 f"(the written type), found {found}\n  {c.line.strip()}")
+        try:
+            arg = const_arg(arg, type_.shape, type_.dtype)
+        except ShapeError as err:
+            raise ParseError(f"line {c.lineno}: {str(err).splitlines()[0]}\n  {c.line.strip()}") from None
     return Node.leaf(op, type_, arg, loc=loc)
+
+
+def _rectangular(rows: object) -> bool:
+    """Nested lists whose rows at each level have one length (numpy would reject ragged ones)."""
+    if not isinstance(rows, list):
+        return True
+    kinds = {(isinstance(r, list), len(r) if isinstance(r, list) else 0) for r in rows}
+    return len(kinds) <= 1 and all(_rectangular(r) for r in rows)
 
 
 def _make(lineno: int, line: str, op: Op, src: list[Node], arg: object, type_: NodeType, loc: str) -> Node:

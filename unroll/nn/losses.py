@@ -56,11 +56,13 @@ def cross_entropy(logits: Node, targets: Node, axis: int = -1, mask: Node | None
     if axis != logits.ndim - 1:  # classes last, where onehot puts them
         perm = [a for a in range(logits.ndim) if a != axis] + [axis]
         logits = b.transpose(logits, perm)
-    picked = b.cast(b.onehot(targets, classes), logits.dtype)  # out-of-range ids pick nothing
+    kept = None
+    if ignore_index is not None:  # ignored positions pick class 0 with weight 0 (onehot rejects the id)
+        kept = b.not_equal(targets, b.const(ignore_index, (), targets.dtype))
+        targets = b.where(kept, targets, 0)
+    picked = b.cast(b.onehot(targets, classes), logits.dtype)
     nll = -b.sum(log_softmax(logits, -1) * picked, -1)
-    weights = None
-    if ignore_index is not None:
-        weights = b.cast(b.not_equal(targets, b.const(ignore_index, (), targets.dtype)), nll.dtype)
+    weights = None if kept is None else b.cast(kept, nll.dtype)
     if mask is not None:
         if mask.shape != targets.shape:
             raise ShapeError(f"cross_entropy: expected a mask of the targets' shape {list(targets.shape)}, "
