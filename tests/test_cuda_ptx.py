@@ -140,3 +140,29 @@ def test_benchmark_sized_programs_compile(cell: str) -> None:
     for spec in _program(graph).specs():
         for cc in CCS:
             assert ".entry" in _ptx(spec, cc)
+
+
+def test_onehot_id_checks_compile() -> None:
+    """onehot's error buffer (int64 flag and id) in an elementwise kernel, a matmul operand and a
+    persistent loop (2 blocks): every kernel compiles, and each check stores to its buffer."""
+    from test_cuda_sim import _embedding_graph
+    graph, _ = _embedding_graph()
+    program = _program(graph, blocks=2)
+    checked = [spec for spec in program.specs() if spec.checks]
+    assert any(s.name.startswith("persistent") for s in checked), [s.name for s in checked]
+    for spec in program.specs():
+        body = _ptx(spec, (9, 0)).split(".entry")[1]
+        if spec.checks:
+            assert "st.global.u64" in body or "st.global.b64" in body, spec.body
+
+
+def test_nan_rules_compile_without_float64() -> None:
+    """max/argmax with numpy's NaN rules (selects, not `max`) stay float32 in every reduction kind."""
+    x = ur.input("x", (4, 5000))
+    y = ur.input("y", (3, 5))
+    program = _program(ur.graph(ur.max(x, axis=1), ur.max(x), ur.max(y, axis=1), ur.argmax(y, axis=0)),
+                       optimize=False)
+    for spec in program.specs():
+        assert "max(" not in spec.body.replace("cuda.atomic.max(", ""), spec.body
+        body = _ptx(spec, (9, 0)).split(".entry")[1]
+        assert not re.search(r"\b(add|sub|mul|fma\.rn|div\.rn|setp\.\w+)\.f64\b", body), spec.body

@@ -259,6 +259,63 @@ def device_outputs_and_shapes() -> None:
     np.testing.assert_allclose(s.copy_to_host(), 15.0)
 
 
+def _embedding_graph(V: int = 6):
+    """onehot read three ways: as a value, cast into a matmul (an Embedding) and inside a loop step
+    (its ids depend on the carry, so the onehot stays in the step)."""
+    ids = ur.input("ids", (4, 3), "int32")
+    emb = ur.nn.Embedding(V, 2, name="emb")
+    w = ur.param("w_loop", (V, 2), 0.5)
+
+    def cell(h, ids_t):
+        k = ids_t + ur.argmax(h, axis=-1)  # ids_t <= 4 stay in range
+        h = ur.tanh(ur.cast(ur.onehot(k, V), "float32") @ w + h)
+        return h, h
+    h, ys = ur.scan(cell, ur.zeros((3, 2)), ids)
+    graph = ur.graph(ur.onehot(ids, V) * 2.0, emb(ids), ys, h)
+    feeds = {"ids": np.array([[0, 1, 2], [3, 4, 0], [1, 1, 1], [4, 3, 2]], np.int32),
+             "emb.weight": np.arange(2 * V, dtype=np.float32).reshape(V, 2) / 10,
+             "w_loop": np.full((V, 2), 0.5, np.float32)}
+    return graph, feeds
+
+
+@sim_check
+def out_of_range_onehot_ids_raise() -> None:
+    """A kernel cannot raise: it flags the id, and the host raises IndexError after the call."""
+    graph, feeds = _embedding_graph()
+    step = ur.compile(graph, backend="cuda")
+    assert_close(step(**feeds), reference(graph, feeds))
+    assert any("err" in s.body for s in step.impl.program.specs())
+    for bad in (6, -1):
+        ids = feeds["ids"].copy()
+        ids[2, 1] = bad
+        with pytest.raises(IndexError, match=r"onehot: id -?\d+ is out of range for depth 6 \(expected 0 <= id < 6\)"):
+            step(**{**feeds, "ids": ids})
+    assert_close(step(**feeds), reference(graph, feeds))  # the flags were cleared
+    unchecked = ur.compile(graph, backend="cuda", check_ids=False, device_outputs=True)
+    ids = feeds["ids"].copy()
+    ids[0, 0] = 7
+    rows = unchecked(**{**feeds, "ids": ids})[0].copy_to_host()
+    np.testing.assert_array_equal(rows[0, 0], np.zeros(6, np.float32))  # no raise: a zero row
+    checked = ur.compile(graph, backend="cuda", device_outputs=True)
+    with pytest.raises(IndexError, match="depth 6"):
+        checked(**{**feeds, "ids": ids})
+
+
+@sim_check
+def reductions_and_argmax_propagate_nan_like_numpy() -> None:
+    x = ur.input("x", (3, 5))
+    big = ur.input("big", (2, 1500))
+    xv = np.array([[1, np.nan, 3, np.nan, 0], [5, 7, 7, 1, -np.inf], [2, 9, 1, 9, np.nan]], np.float32)
+    bigv = np.random.default_rng(4).standard_normal((2, 1500)).astype(np.float32)
+    bigv[1, 1234] = np.nan
+    graph = ur.graph(ur.max(x, axis=1), ur.max(x, axis=0), ur.argmax(x, axis=1), ur.argmax(x, axis=0),
+                     ur.max(big, axis=1), ur.max(big), ur.maximum(x, 0.0), ur.minimum(x, 0.0))
+    step = ur.compile(graph, backend="cuda", optimize=False)
+    assert any("chunk(s)" in s.note and "1 chunk" not in s.note for s in step.impl.program.specs())
+    for got, want in zip(step(x=xv, big=bigv), reference(graph, {"x": xv, "big": bigv})):
+        np.testing.assert_array_equal(got, want)
+
+
 if CHILD:
     @pytest.mark.parametrize("name", sorted(SIM_CHECKS))
     def test_in_simulator(name: str) -> None:
@@ -346,43 +403,7 @@ def test_emulator_catches_missing_grid_barriers(monkeypatch) -> None:
     assert wrong
 
 
-@pytest.mark.skipif(CHILD, reason="runs in the parent process")
-def test_random_cells_multiblock() -> None:
-    """Random hand-written cells (tests/strategies.rnn_cells) and their BPTT, 1-4 blocks."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-    from strategies import rnn_cells
-
-    from unroll.ir.autodiff import grad
-
-    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(rnn_cells(), st.integers(1, 4), st.booleans())
-    def check(cell, blocks, train):
-        graph, feeds = cell
-        if train:
-            ys, h = graph.outputs
-            loss = ur.sum(ys * ys) + ur.sum(h)
-            params = [n for n in graph.inputs if n.op.value == "param"] + [graph.inputs[1]]
-            graph = ur.graph(loss, *grad(loss, params))
-        outs, _ = _emulate(graph, feeds, blocks)
-        assert_close(outs, reference(graph, feeds), rtol=2e-4, atol=2e-5)
-    check()
-
-
-@pytest.mark.skipif(CHILD, reason="runs in the parent process")
-def test_random_graphs_emulated() -> None:
-    """Random graphs (every op, loops, nesting, int/bool inputs) through every kernel kind."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-    from strategies import evaluate, graphs, random_feeds
-
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(graphs(), st.integers(1, 3), st.booleans())
-    def check(graph, blocks, optimize):
-        feeds = random_feeds(graph, seed=blocks)
-        outs, _ = _emulate(graph, feeds, blocks, optimize=optimize)
-        assert_close(outs, [np.asarray(r) for r in evaluate(graph, feeds)], rtol=2e-4, atol=2e-5)
-    check()
+# random cells on 1-4 blocks and random graphs through every kernel kind: tests/test_properties.py
 
 
 @pytest.mark.skipif(CHILD, reason="runs in the parent process")
@@ -430,3 +451,21 @@ def test_unknown_option_is_rejected() -> None:
     x = ur.input("x", (2,))
     with pytest.raises(TypeError, match="unknown options bogus"):
         build_program(b.tanh(x), bogus=1)
+
+
+@pytest.mark.skipif(CHILD, reason="runs in the parent process")
+def test_integer_and_bool_max_reductions_emulated() -> None:
+    """max over ints starts from the dtype's minimum (inline and block reductions), argmax of ints."""
+    x = ur.input("x", (3, 40), "int32")
+    big = ur.input("big", (2, 300), "int64")
+    mask = ur.input("mask", (3, 4), "bool")
+    graph = ur.graph(ur.max(x, axis=1), ur.max(x), ur.max(big, axis=1), ur.argmax(x, axis=1),
+                     ur.maximum(x, ur.cast(ur.const(-5.0, (3, 40)), "int32")), ur.max(mask, axis=1))
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.integers(-2**31, -2**31 + 1000, (3, 40)).astype(np.int32),
+             "big": rng.integers(-2**62, 2**62, (2, 300)).astype(np.int64),
+             "mask": np.array([[0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 1]], bool)}
+    outs, program = _emulate(graph, feeds, 1, optimize=False)
+    assert any(s.name.startswith("red") for s in program.specs())
+    for got, want in zip(outs, reference(graph, feeds)):
+        np.testing.assert_array_equal(got, want)

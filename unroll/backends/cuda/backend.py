@@ -28,6 +28,14 @@ the legacy default stream waits for them, other streams after `step.impl.synchro
 the launches of a call are captured once into a CUDA graph and replayed (a numba launch costs ~50 us
 of Python).
 
+Out-of-range onehot ids (an Embedding fed an id outside the vocabulary): a kernel cannot raise, so
+the kernel computing a onehot writes (1, id) into that onehot's small error buffer (int64[2]) when
+an id is outside [0, depth) (its row is zeros, and the launch carries on); after each call the host
+reads the buffers back and raises IndexError("onehot: id ... is out of range for depth ...", with
+where the onehot was built), as the numpy reference does, and clears them. Reading them waits for
+the call's kernels: with device_outputs=True that is one synchronization per call, and only for
+graphs that contain a onehot; check_ids=False skips the check (out-of-range ids then give zero rows).
+
 No GPU and no simulator: compile raises CudaUnavailableError naming the alternatives. numba.cuda
 is imported only when a graph is compiled for this backend.
 """
@@ -74,6 +82,7 @@ class Options:
     copy_outputs: bool = False        # device outputs: fresh copies instead of the program's buffers
     persistent: bool = True           # False: every loop runs as a host loop over steps
     cuda_graph: str | bool = "auto"   # capture each call's launches into a CUDA graph (GPU only)
+    check_ids: bool = True            # raise IndexError for onehot ids outside [0, depth) (see below)
     loop: LoopOptions = LoopOptions()
     tuning: Tuning = Tuning()
 
@@ -144,6 +153,11 @@ class Program:
 
     def _lower(self) -> None:
         order = toposort(self.outputs)
+        self.materialized = self._materialize(order)
+        self._kernels(order)
+
+    def _materialize(self, order: list[Node]) -> set[Node]:
+        """The nodes that get a buffer; every other node is inlined into the kernels reading it."""
         users: Counter = Counter()
         for n in order:
             for s in n.src:
@@ -184,7 +198,11 @@ class Program:
             elif n.op is not Op.CONST and users[n] >= 2 and n.op not in _CHEAP:
                 mat.add(n)
         mat.update(o for o in self.outputs if o.op not in (Op.INPUT, Op.PARAM, Op.ARG))
-        self.materialized = mat
+        return mat
+
+    def _kernels(self, order: list[Node]) -> None:
+        """The steps: materialized nodes in order, independent elementwise ones grouped per launch."""
+        mat = self.materialized
         is_mat = mat.__contains__
         tuning = self.options.tuning
 
@@ -336,6 +354,7 @@ class Executor:
         self.consts: dict[Any, Any] = {}
         self.subs: dict[int, Executor] = {}
         self.loop_carries: dict[int, list[Any]] = {}
+        self.checks: dict[Any, Node] = {}   # error-buffer scratch key -> the onehot it checks
 
     def buffer(self, node: Node) -> Any:
         buf = self.buffers.get(node)
@@ -356,6 +375,8 @@ class Executor:
             if buf is None:
                 size, dtype = spec.scratch[key]
                 buf = self.scratch[key] = rt.upload(np.zeros(size, NP_DTYPES[dtype]), self.stream)
+                if key in spec.checks:
+                    self.checks[key] = spec.checks[key]
             return buf
         buf = self.consts.get(key)
         if buf is None:
@@ -383,6 +404,28 @@ class Executor:
                 replacement = self.program.fall_back(i, f"persistent kernel failed: {type(err).__name__}: {err}")
                 self._host_loop(replacement, env)
         return [env[o] if o in env else self.buffer(o) for o in self.program.outputs]
+
+    def check_ids(self) -> None:
+        """Raise the IndexError a onehot kernel recorded (an id outside [0, depth)). Reads every
+        error buffer back (this waits for the stream) and clears the flagged ones before raising,
+        so the next call starts clean."""
+        flagged = [(node, flags) for node, flags in self._read_checks() if flags[0]]
+        if flagged:
+            from .kernels import raise_if_flagged
+            raise_if_flagged(*flagged[0])
+
+    def _read_checks(self) -> list[tuple[Node, np.ndarray]]:
+        out = []
+        for key, node in self.checks.items():
+            buf = self.scratch[key]
+            flags = buf.copy_to_host(stream=self.stream)
+            self.stream.synchronize()
+            if flags[0]:
+                buf.copy_to_device(np.zeros_like(flags), stream=self.stream)
+            out.append((node, flags))
+        for sub in self.subs.values():
+            out += sub._read_checks()
+        return out
 
     @staticmethod
     def _check_coresident(kern: Any, step: Launch) -> None:
@@ -521,7 +564,10 @@ class CudaCompiled:
                 env[node] = buf
                 key.append(id(buf))
         outs = self._run(env, tuple(key))
-        return self._outputs(outs, stream)
+        result = self._outputs(outs, stream)
+        if self.options.check_ids:
+            ex.check_ids()
+        return result
 
     def _device_input(self, node: Node, value: Any) -> tuple[Any, int]:
         """A flat view of a device input and its address; cached per array object (a training
@@ -606,7 +652,7 @@ def _shaped(dev: Any, node: Node) -> Any:
 def compile_graph(graph: Graph, **options: Any) -> CudaCompiled:
     """Lower `graph` for the GPU (or numba's simulator with NUMBA_ENABLE_CUDASIM=1). Options:
     passes (the pipeline, as `compile.pass_pipeline` resolves it; default PASSES), device_outputs
-    (False), copy_outputs, persistent (True), cuda_graph ("auto"), blocks / threads / sync
+    (False), copy_outputs, persistent (True), cuda_graph ("auto"), check_ids (True), blocks / threads / sync
     ("atomic" | "cg") / smem_weights for persistent loops."""
     from . import runtime as rt
     rt.require_device()

@@ -8,10 +8,16 @@ lock and a thread switch interval of microseconds so that interleavings vary. It
 generated kernel's plain Python function on numpy arrays, with a fake `cuda` in its globals.
 
 Used by the tests only; it implements just what the generated kernels call.
+
+`IEEE_MATH` stands in for the `math` module of generated kernels that run as Python (here, and in
+numba's simulator: `runtime` installs it there): Python's math raises where a GPU's libdevice returns
+IEEE values (log(0) = -inf, sqrt(-1) = nan, exp(1000) = inf); this returns those values, computed in
+double precision like Python's math.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -77,6 +83,34 @@ class _Cg:
 
     def this_grid(self) -> _Grid:
         return _Grid(self._emu)
+
+
+def _ieee2(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], float]:
+    def call(x: Any, y: Any) -> float:
+        with np.errstate(all="ignore"):
+            return float(fn(np.float64(x), np.float64(y)))
+    call.__name__ = fn.__name__
+    return call
+
+
+def _ieee(fn: Callable[[Any], Any]) -> Callable[[Any], float]:
+    def call(x: Any) -> float:
+        with np.errstate(all="ignore"):
+            return float(fn(np.float64(x)))
+    call.__name__ = fn.__name__
+    return call
+
+
+class _IeeeMath(types.SimpleNamespace):
+    """The math functions generated kernels call, with IEEE results instead of Python's exceptions;
+    any other name is Python's math's."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(math, name)
+
+
+IEEE_MATH = _IeeeMath(exp=_ieee(np.exp), log=_ieee(np.log), log1p=_ieee(np.log1p), sqrt=_ieee(np.sqrt),
+                      tanh=_ieee(np.tanh), expm1=_ieee(np.expm1), pow=_ieee2(np.power))
 
 
 def _np_dtype(dtype: Any) -> np.dtype:
@@ -156,6 +190,7 @@ class GridEmulator:
         fake = self
         glob = dict(fn.__globals__)
         glob["cuda"] = fake
+        glob["math"] = IEEE_MATH
         patched = types.FunctionType(fn.__code__, glob, fn.__name__, fn.__defaults__, fn.__closure__)
         errors: list[BaseException] = []
 
@@ -205,6 +240,9 @@ def emulate_program(program: Any, arrays: Sequence[np.ndarray], env_out: dict | 
     from .codegen import NP_DTYPES
     from .runtime import python_function
     from .backend import HostLoop
+    from .kernels import raise_if_flagged
+
+    checks: dict[Any, tuple[Any, np.ndarray]] = {}  # onehot error buffers, read after the run
 
     def flat(node: Any) -> np.ndarray:
         return np.zeros(max(1, node.tensor_type.size), NP_DTYPES[node.dtype])
@@ -228,6 +266,8 @@ def emulate_program(program: Any, arrays: Sequence[np.ndarray], env_out: dict | 
             elif kind == "scratch":
                 size, dtype = spec.scratch[key]
                 args.append(state.setdefault(key, np.zeros(size, NP_DTYPES[dtype])))
+                if key in spec.checks:
+                    checks.setdefault((key, id(args[-1])), (spec.checks[key], args[-1]))
             else:
                 args.append(spec.constants[key])
         GridEmulator(spec.grid, spec.block, spec.shared_bytes).run(python_function(spec), args)
@@ -255,6 +295,8 @@ def emulate_program(program: Any, arrays: Sequence[np.ndarray], env_out: dict | 
     env = {n: np.ascontiguousarray(a, NP_DTYPES[n.dtype]).reshape(-1).copy() if np.size(a) else
            np.zeros(1, NP_DTYPES[n.dtype]) for n, a in zip(program.inputs, arrays)}
     outs = run(program, env)
+    for node, flags in checks.values():
+        raise_if_flagged(node, flags)
     if env_out is not None:
         env_out.update(env)
     return [o[:n.tensor_type.size].reshape(n.shape) for o, n in zip(outs, program.outputs)]

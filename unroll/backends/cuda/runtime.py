@@ -100,6 +100,10 @@ class Kernel:
         fn = python_function(spec)
         self.simulator = simulator_enabled()
         if self.simulator:
+            # the simulator runs the kernel as Python: math with IEEE results where Python's raises
+            # (log(0), sqrt(-1), exp(1000)), as libdevice returns them on a GPU
+            from .gridsim import IEEE_MATH
+            fn.__globals__["math"] = IEEE_MATH
             self._fake = cuda.jit(spec.signature)(fn)
             return
         dispatcher = cuda.jit(spec.signature, cache=True)(fn)

@@ -27,9 +27,12 @@ SCALAR_EXPRS: dict[Op, str] = {
     Op.EXP: "math.exp({0})",
     Op.LOG: "math.log({0})",
     Op.TANH: "math.tanh({0})",
-    # stable in both tails: never exponentiates a large positive number
-    Op.SIGMOID: "(1.0 / (1.0 + math.exp(-{0})) if {0} >= 0.0 else math.exp({0}) / (1.0 + math.exp({0})))",
-    Op.RELU: "({0} if {0} > 0.0 else 0.0 * {0})",
+    # numpy's sigmoid (scipy's expit): where exp(-x) overflows to inf, 1 / (1 + inf) is exactly the
+    # saturated 0 numpy gives (float32: below x = -88.7); a two-branch form exp(x) / (1 + exp(x))
+    # returned subnormals there instead (27 ulps from numpy at x = -100), and no branch is needed
+    Op.SIGMOID: "(1.0 / (1.0 + math.exp(-{0})))",
+    # NaN passes through (numpy's maximum(x, 0)); `0.0 * x`, which kept NaN too, made relu(-inf) NaN
+    Op.RELU: "({0} if ({0} > 0.0) | ({0} != {0}) else 0.0)",
     Op.SQRT: "math.sqrt({0})",
     Op.ABS: "abs({0})",
     Op.SIGN: "(1.0 if {0} > 0.0 else (-1.0 if {0} < 0.0 else 0.0 * {0}))",
