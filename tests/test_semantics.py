@@ -337,8 +337,23 @@ def test_parse_and_print_graph_are_exported_and_the_readme_sentence_holds() -> N
     assert ur.parse(str(g)) == g
 
 
-def test_the_numba_backend_refuses_array_constants_clearly() -> None:
+def test_compiled_backends_read_array_constants_as_lifted_inputs() -> None:
+    """Numba (and CUDA, in test_cuda_sim) get array constants as extra inputs that ur.compile feeds:
+    at the top level, inside a loop body, and through the gradient."""
     pytest.importorskip("numba")
+    from unroll.ir.constants import lift_array_constants
+    m = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
     x = ur.input("x", (2, 3))
-    with pytest.raises(NotImplementedError, match=r"non-uniform array constant f32\[2,3\]"):
-        ur.compile(ur.tanh(x * np.arange(6.0).reshape(2, 3)), backend="numba")
+    xs = ur.input("xs", (4, 2, 3))
+    _, hs = ur.scan(lambda h, x_t: ((h * 0.5 + x_t * m),) * 2, ur.zeros((2, 3)), xs)
+    loss = ur.sum(ur.tanh(x * np.arange(6.0, dtype=np.float32).reshape(2, 3))) + ur.sum(hs * m)
+    outs = [loss, *ur.grad(loss, [x, xs])]
+    lifted, values = lift_array_constants(ur.graph(*outs))
+    assert len(values) == 2 and all(n.arg.startswith("__const") for n in lifted.inputs[2:])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(2, 3)).astype(np.float32), "xs": rng.normal(size=(4, 2, 3)).astype(np.float32)}
+    expected = ur.compile(outs, backend="numpy")(**feeds)
+    got = ur.compile(outs, backend="numba")(**feeds)
+    assert ur.compile(outs, backend="numba").input_names == ["x", "xs"]
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-6)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import BACKENDS
+from .ir.constants import lift_array_constants
 from .ir.loops import merge_loops
 from .ir.node import Graph, Node
 from .ir.ops import FLOAT_DTYPES, INT_DTYPES
@@ -80,6 +81,17 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"<Compiled {self.backend}: ({', '.join(self.input_names)}) -> {len(self.graph.outputs)} outputs>"
+
+
+class _FeedingConstants:
+    """A backend's callable for a graph whose array constants were lifted to trailing inputs."""
+
+    def __init__(self, run: Any, constants: list[np.ndarray]) -> None:
+        self.run, self.constants = run, constants
+        self.impl = getattr(run, "impl", run)
+
+    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return self.run(list(arrays) + self.constants)
 
 
 def _check_device_array(name: str, node: Node, value: Any) -> Any:
@@ -153,6 +165,10 @@ def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", opti
     if any(a is not b for a, b in zip(merged, graph.outputs)):
         graph = Graph(graph.inputs, tuple(merged), graph.output_names)
     module = backend_module(backend)
-    compiled = module.compile_graph(graph, passes=pass_pipeline(backend, optimize, passes), **options)
+    # code generators keep scalar constants only: numpy-array operands become inputs fed here
+    lifted, constants = (graph, []) if backend == "numpy" else lift_array_constants(graph)
+    compiled = module.compile_graph(lifted, passes=pass_pipeline(backend, optimize, passes), **options)
+    if constants:
+        compiled = _FeedingConstants(compiled, constants)
     return Compiled(graph, backend, compiled, single, getattr(module, "FLEXIBLE_SHAPES", False),
                     impl=getattr(compiled, "impl", compiled))
