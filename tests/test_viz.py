@@ -173,7 +173,7 @@ def test_nested_loops_are_nested_clusters():
 def test_unrolled_view_has_one_column_per_step_and_params_once_outside():
     T = 6
     g = rnn(T=T)
-    dot = Dot(ur.to_dot(g, view="unrolled"))
+    dot = Dot(ur.to_dot(g, view="unrolled", detail=True))  # every op (the default is compact)
     assert sorted(dot.step_clusters()) == sorted(f"cluster_t{t}" for t in range(T))
     for t in range(T):
         column = [n for n in dot.real_nodes() if dot.cluster_of[n] == f"cluster_t{t}"]
@@ -191,6 +191,14 @@ def test_unrolled_view_has_one_column_per_step_and_params_once_outside():
     assert len(carries) == T - 1
     assert {(dot.cluster_of[b], dot.cluster_of[a]) for a, b in carries} == {
         (f"cluster_t{t}", f"cluster_t{t + 1}") for t in range(T - 1)}
+    # compact (the default): the x[t] slice and the stacking reshape are edges, the cell's
+    # elementwise math one fused box per step
+    dot = Dot(ur.to_dot(g, view="unrolled"))
+    assert sorted(dot.step_clusters()) == sorted(f"cluster_t{t}" for t in range(T))
+    for t in range(T):
+        column = [n for n in dot.real_nodes() if dot.cluster_of[n] == f"cluster_t{t}"]
+        assert sorted(dot.nodes[n]["label"].split("\\n")[0] for n in column) == [
+            "add×2, tanh", "matmul", "matmul"]
 
 
 def test_unrolled_view_unrolls_rolled_graphs_first():
@@ -220,7 +228,7 @@ def test_long_sequences_are_summarized_above_max_nodes():
 
 
 def test_stop_gradient_and_truncate_edges_are_dashed():
-    dot = Dot(ur.to_dot(rnn(T=3, tag="x_sg", truncate=True), view="unrolled"))
+    dot = Dot(ur.to_dot(rnn(T=3, tag="x_sg", truncate=True), view="unrolled", detail=True))
     cuts = dot.labelled("stop_gradient")
     assert len(cuts) == 3
     for c in cuts:  # edges between columns are written head -> tail with dir=back
@@ -244,7 +252,7 @@ def test_backward_nodes_have_their_own_colour():
         if n.op not in (Op.ARG, Op.CONST):
             n.role = "backward"
     for view in ("rolled", "unrolled"):
-        dot = Dot(ur.to_dot(g, view=view))
+        dot = Dot(ur.to_dot(g, view=view, detail=True))  # compact puts tanh in a fused box
         tanh = dot.labelled("tanh")
         mul = dot.labelled("mul")  # the loss, built by the user: forward
         assert tanh and all(dot.nodes[n]["fillcolor"] == viz.ROLE_FILL["backward"] for n in tanh)
@@ -282,9 +290,14 @@ def test_fused_nodes_inside_loops_and_steps():
     (tanh,) = rolled.labelled("tanh")
     (carry,) = rolled.labelled("carry 0")
     assert any(e[:2] == (tanh, carry) and e[2].get("label") == "carry" for e in rolled.edges)
-    unrolled = Dot(ur.to_dot(g, view="unrolled"))
+    unrolled = Dot(ur.to_dot(g, view="unrolled", detail=True))
     boxes = [c for c, at in unrolled.clusters.items() if at["label"].startswith("fused")]
     assert sorted(unrolled.parent[c] for c in boxes) == [f"cluster_t{t}" for t in range(4)]
+    # compact (the default): a fused kernel is one box in its step
+    compact = Dot(ur.to_dot(g, view="unrolled"))
+    boxes = compact.labelled("fused kernel (2 ops)")
+    assert sorted(compact.cluster_of[b] for b in boxes) == [f"cluster_t{t}" for t in range(4)]
+    assert not [c for c, at in compact.clusters.items() if at.get("label", "").startswith("fused")]
 
 
 # ---- networkx -------------------------------------------------------------------------------------

@@ -4,7 +4,14 @@ A leaf module (micrograd's `draw_dot` lives outside the engine): it imports `unr
 
     ur.to_dot(graph, view="rolled")            # DOT text; needs no renderer
     ur.draw(graph, "rnn.svg", view="unrolled") # renders with Graphviz's `dot`; format from the suffix
+    ur.draw(graph, "rnn.svg", view="unrolled", detail=True)   # every op, no fused groups
     ur.to_networkx(graph)                      # a networkx.DiGraph of every node, bodies included
+
+What is drawn is what runs: loops are merged first (`merge_loops`, as `ur.compile` does), so the
+loss of `[loss, *ur.grad(loss, params)]` and the gradients share one forward loop in the picture.
+Outputs are labelled by their names; without names, the gradients that `ur.grad` built are named
+after what they are the gradient of ("∂L/∂weight_hh_l0", the loss "L": found by rebuilding
+`grad(loss, params)` and matching nodes, which are interned) and the rest "output k".
 
 Rolled view (top to bottom): each LOOP is a cluster labelled "loop ×T (reverse)" holding its body;
 loop constants (weights) enter the cluster straight into the ops that use them, the initial carry and
@@ -14,17 +21,31 @@ house-shaped nodes. Parameters are yellow ellipses, inputs green ellipses, const
 drawn once per use (so a shared `0.0` does not tie the picture into a knot).
 
 Unrolled view: loops are unrolled first (`ur.unroll`), then one cluster per time step `node.step`,
-drawn as columns left to right in time order, each running top to bottom (forward ops above the
-backward ones of the same step). Pure data movement (the x[t] slice, the reshape that stacks y_t)
-whose users, or whose sources, lie in one step is drawn in that step's column. Edges between columns
-(carried state, carried gradients) are bold red; forward ops are blue, ops with role "backward" red;
-edges into a STOP_GRADIENT node or a node with role "truncate" (where truncation cuts the gradient)
-are dashed; FUSED nodes are orange boxes around their ops (their argument and output plumbing is not
-drawn: edges go straight from the outside values to the ops inside). Parameters are outside the
-columns, drawn once, with an edge into every step that reads them. Above `max_nodes` nodes only the
-first and last steps are drawn and an ellipsis node "… 42 steps …" stands for the rest (edges into or
-out of hidden steps go to it); raise `max_nodes` to see everything. Nested loops are unrolled too;
-their nodes keep the step tags `unroll` gives them, so columns then mix outer and inner steps.
+in time order left to right. Edges between steps (carried state, carried gradients) are bold red;
+forward ops are blue, ops with role "backward" red; edges into a STOP_GRADIENT node or a node with
+role "truncate" (where truncation cuts the gradient) are dashed. Parameters are outside the steps,
+drawn once, with an edge into every forward step that reads them. A graph that was unrolled before
+drawing (its nodes carry step tags) is drawn with its steps in the rolled view too.
+
+By default the steps are compact: the elementwise math of one step's cell (forward or backward:
+adds, multiplies, activations, reductions) is one orange-edged box per connected group, data
+movement (slices, reshapes, transposes, the stacking of per-step values and slicing them back) is
+drawn as the edge it is, constants are left out, values nothing drawn reads are dropped, and output
+names head their node's label (ops the truncate pass rebuilt count as forward ops: its cuts are its
+stop_gradient nodes). Forward steps form a row; backward steps (role "backward") a second
+row below, step t under step t, so that the carried gradient runs right to left; a backward step
+names the parameters and inputs it reads instead of drawing long edges to them.
+`detail=True` (or `compact=False`) draws every op, one column per step (forward ops above the
+backward ones of the same step): pure data movement whose users, or whose sources, lie in one step
+is drawn in that step, constants are small grey text, and FUSED nodes are orange boxes around their
+ops (their argument and output plumbing is not drawn: edges go straight from the outside values to
+the ops inside). A legend names the kinds of things a picture shows when it shows more than one
+(forward op, backward op, truncated gradient edge, fused kernel).
+
+Above `max_nodes` drawn nodes only the first and last steps are drawn and an ellipsis node
+"… 42 steps …" stands for the rest (edges into or out of hidden steps go to it); raise `max_nodes` to
+see everything. Nested loops are unrolled too; their nodes keep the step tags `unroll` gives them, so
+steps then mix outer and inner steps.
 
 Every walk is iterative (explicit stacks): unrolled graphs are thousands of nodes deep.
 """
@@ -32,13 +53,15 @@ Every walk is iterative (explicit stacks): unrolled graphs are thousands of node
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .ir.node import Graph, LoopInfo, Node, all_nodes, nested_body, toposort
-from .ir.ops import MOVEMENT, Op, TensorType
+from .ir.loops import merge_loops
+from .ir.node import Graph, LoopInfo, Node, all_nodes, nested_body, rewrite, toposort
+from .ir.ops import ELEMENTWISE, FLOAT_DTYPES, MOVEMENT, REDUCE, Op, TensorType
 from .ir.unroll import unroll
 
 if TYPE_CHECKING:  # networkx is imported only by to_networkx
@@ -57,6 +80,7 @@ NO_DOT_MESSAGE = ("unroll.draw: Graphviz's `dot` program was not found, so the g
 
 NODE_STYLE: dict[str, dict[str, str]] = {
     "op": {"shape": "box", "style": "rounded,filled"},
+    "fused": {"shape": "box", "style": "rounded,filled,bold", "color": "#e67e22", "penwidth": "2.5"},
     "param": {"shape": "ellipse", "style": "filled", "fillcolor": "#fff2a8", "color": "#b7950b"},
     "input": {"shape": "ellipse", "style": "filled", "fillcolor": "#d4efdf", "color": "#1e8449"},
     "const": {"shape": "plaintext", "fontcolor": "#666666", "fontsize": "9"},
@@ -73,16 +97,21 @@ CLUSTER_STYLE: dict[str, dict[str, str]] = {
     "loop": {"style": "rounded", "color": "#7d3c98", "penwidth": "2", "fontcolor": "#7d3c98"},
     "fused": {"style": "filled,rounded", "fillcolor": "#fdebd0", "color": "#e67e22"},
     "step": {"style": "rounded", "color": "#aab7b8"},
+    "step_backward": {"style": "rounded", "color": "#e6b0aa", "fontcolor": "#922b21"},
     "hidden": {"style": "rounded,dashed", "color": "#aab7b8", "fontcolor": "#7f8c8d"},
 }
 EDGE_STYLE: dict[str, dict[str, str]] = {
     "data": {},
     "backward": {"color": "#c0392b"},
     "cut": {"style": "dashed", "color": "#7f8c8d"},
-    # between two step columns: written head -> tail with dir=back, so that for the layout the
-    # user (top of the next column) sits above the source (bottom of this one): the columns line up
+    # between two steps of a row: written head -> tail with dir=back, so that for the layout the
+    # user (top of the next step) sits above the source (bottom of this one): the steps line up
     # at one height instead of forming a staircase, and the edge runs straight across
     "carry_step": {"color": "#c0392b", "penwidth": "2", "dir": "back"},
+    # between two backward steps, or two steps of the compact view (gradient accumulators and
+    # fused cells read the previous step at their bottom: as ranks, that is a staircase); the
+    # anchors and the parameters above keep the steps level
+    "carry_back": {"color": "#c0392b", "penwidth": "2", "constraint": "false"},
     "back": {"color": "#c0392b", "penwidth": "2", "style": "bold", "constraint": "false",
              "label": "carry"},                             # rolled loop: new carry -> carry arg
     "init": {"color": "#7d3c98", "label": "init"},
@@ -93,6 +122,17 @@ EDGE_STYLE: dict[str, dict[str, str]] = {
     "ellipsis": {"style": "dotted", "constraint": "false"},
     "order": {"style": "invis"},
 }
+
+# the compact view packs its boxes tighter
+COMPACT_LAYOUT = {"nodesep": "0.15", "ranksep": "0.3"}
+COMPACT_NODES = {"fontsize": "10", "width": "0.4", "height": "0.3", "margin": "0.06,0.03"}
+
+# the legend's entries, in this order: (kind, label)
+LEGEND = (("forward", "forward op"), ("backward", "backward op"),
+          ("truncated", "truncated gradient"), ("fused", "fused kernel"))
+
+# compact view: ops gathered into one box per step, and ops drawn as the edges they are
+GROUPED = (ELEMENTWISE - {Op.STOP_GRADIENT}) | REDUCE
 
 
 # ---- labels -------------------------------------------------------------------------------------
@@ -181,6 +221,17 @@ def _loop_out_label(info: LoopInfo, index: int, node: Node) -> str:
     return f"ys {index - info.n_carry}\n{node.type}"
 
 
+def _group_label(members: list[Node]) -> str:
+    """A fused group's box: its ops with counts in order of first use ("add×3, tanh"), three to a
+    line, then the type of its last op."""
+    counts: dict[str, int] = {}
+    for m in members:
+        counts[m.op.value] = counts.get(m.op.value, 0) + 1
+    parts = [op if k == 1 else f"{op}×{k}" for op, k in counts.items()]
+    lines = [", ".join(parts[i:i + 3]) for i in range(0, len(parts), 3)]
+    return "\n".join(lines + [members[-1].type_str()])
+
+
 def _tooltip(node: Node) -> str:
     arg = "" if node.op in (Op.LOOP, Op.FUSED) else f" arg={node.arg!r}"
     extra = "".join(f" {k}={v}" for k, v in (("step", node.step), ("role", node.role)) if v is not None)
@@ -194,8 +245,13 @@ def _quote(text: object) -> str:
     return f'"{s}"'
 
 
+class _Html(str):
+    """An HTML-like label: written <...>, not quoted."""
+
+
 def _attrs(attrs: dict[str, str]) -> str:
-    return "[" + ", ".join(f"{k}={_quote(v)}" for k, v in attrs.items()) + "]"
+    return "[" + ", ".join(f"{k}=<{v}>" if isinstance(v, _Html) else f"{k}={_quote(v)}"
+                           for k, v in attrs.items()) + "]"
 
 
 @dataclass
@@ -209,11 +265,13 @@ class _Cluster:
 class _Dot:
     """Clusters (nested) holding node statements, then every edge at the top level."""
 
-    def __init__(self, graph_attrs: dict[str, str]) -> None:
+    def __init__(self, graph_attrs: dict[str, str], node_attrs: dict[str, str] | None = None) -> None:
         self.graph_attrs = graph_attrs
+        self.node_attrs = {"fontname": "Helvetica", "fontsize": "11", **(node_attrs or {})}
         self.root = _Cluster("root", {})
         self.edges: list[str] = []
         self.top_rank: list[str] = []  # nodes drawn in the first row (rank=min)
+        self.same_rank: list[list[str]] = []  # groups of nodes drawn in one row each
         self._seen_edges: set[tuple[str, str]] = set()
 
     def cluster(self, parent: _Cluster, name: str, attrs: dict[str, str]) -> _Cluster:
@@ -235,7 +293,7 @@ class _Dot:
     def text(self) -> str:
         lines = ["digraph unroll {"]
         lines += [f"  {k}={_quote(v)};" for k, v in self.graph_attrs.items()]
-        lines.append('  node [fontname="Helvetica", fontsize="11"];')
+        lines.append(f"  node {_attrs(self.node_attrs)};")
         lines.append('  edge [fontname="Helvetica", fontsize="9"];')
         stack: list[tuple[_Cluster, int, bool]] = [(self.root, 1, False)]
         while stack:
@@ -254,9 +312,354 @@ class _Dot:
             stack += [(c, depth + (cluster is not self.root), False) for c in reversed(cluster.children)]
         if self.top_rank:
             lines.append('  { rank="min"; ' + " ".join(f"{_quote(n)};" for n in self.top_rank) + " }")
+        for row in self.same_rank:
+            lines.append('  { rank="same"; ' + " ".join(f"{_quote(n)};" for n in row) + " }")
         lines += ["  " + e for e in self.edges]
         lines.append("}")
         return "\n".join(lines) + "\n"
+
+
+
+
+# ---- output names: what each gradient is the gradient of -----------------------------------------
+
+GRAD_SEARCH_SECONDS = 2.0  # stop rebuilding candidate gradients after this long (huge graphs)
+
+
+def output_labels(graph: Graph) -> list[str]:
+    """The name drawn beside each output: the graph's output names when it has them, else "L" for a
+    loss and "∂L/∂weight_hh_l0" for the gradients `ur.grad` built from it, else "output k".
+
+    A gradient is recognised exactly, not guessed from its shape: `grad(loss, wrt)` is rebuilt for a
+    few candidate `wrt` lists (all parameters of the graph; the parameters and float inputs whose
+    types the gradient outputs have) and policies (SaveAll, Recompute), and nodes are interned, so
+    a rebuilt gradient is the very output node when it is the gradient of that wrt node. The loss of
+    `ur.value_and_grad` shares its forward loop with the gradients; its loops are narrowed back to
+    the user's outputs first. Gradients of a graph unrolled before differentiating, of Checkpoint(k)
+    or of a loss not among the outputs keep "output k"."""
+    n = len(graph.outputs)
+    if graph.output_names is not None:
+        return list(graph.output_names)
+    labels = [f"output {i}" for i in range(n)]
+    found = _find_gradients(graph)
+    if not found:
+        return labels
+    losses = sorted({loss for loss, _ in found.values()})
+    loss_name = {k: "L" if len(losses) == 1 else f"L{j}" for j, k in enumerate(losses)}
+    for k in losses:
+        labels[k] = loss_name[k]
+    for i, (k, names) in found.items():
+        labels[i] = " = ".join(f"∂{loss_name[k]}/∂{name}" for name in names)
+    return labels
+
+
+def _find_gradients(graph: Graph) -> dict[int, tuple[int, list[str]]]:
+    """{output index: (index of the loss output, names of what it is the gradient of)}."""
+    outs = list(graph.outputs)
+    grads = [i for i, o in enumerate(outs) if o.role == "backward" and isinstance(o.type, TensorType)]
+    if not grads:
+        return {}
+    from .ir.autodiff import Recompute, SaveAll, grad  # autodiff is big; only gradient graphs need it
+
+    losses = [i for i, o in enumerate(outs) if o.role != "backward" and isinstance(o.type, TensorType)
+              and o.shape == () and o.dtype in FLOAT_DTYPES]
+    leaves = [n for n in graph.inputs if n.dtype in FLOAT_DTYPES]
+    found: dict[int, tuple[int, list[str]]] = {}
+    start = time.perf_counter()
+    for k in losses:
+        for loss in _loss_candidates(outs[k]):
+            for wrt in _wrt_candidates(leaves, [outs[i] for i in grads if i not in found]):
+                for policy in (SaveAll(), Recompute()):
+                    if time.perf_counter() - start > GRAD_SEARCH_SECONDS:
+                        return found
+                    try:
+                        rebuilt = grad(loss, wrt, policy=policy)
+                    except Exception:  # noqa: BLE001 - a drawing must not fail on a failed guess
+                        continue
+                    names: dict[Node, list[str]] = {}
+                    for w, g in zip(wrt, rebuilt):
+                        names.setdefault(g, []).append(w.name)  # type: ignore[arg-type]
+                    _assign(found, k, [i for i in grads if i not in found], outs, names)
+                    if all(i in found for i in grads):
+                        return found
+    return found
+
+
+def _assign(found: dict[int, tuple[int, list[str]]], loss: int, todo: list[int], outs: list[Node],
+            names: dict[Node, list[str]]) -> None:
+    """Name the outputs found among the rebuilt gradients. One node that is the gradient of several
+    wrt nodes and is output as often gets one name each, in order; otherwise all of them."""
+    for node in {outs[i] for i in todo if outs[i] in names}:
+        where = [i for i in todo if outs[i] is node]
+        got = names[node]
+        for j, i in enumerate(where):
+            found[i] = (loss, [got[j]] if len(got) == len(where) else got)
+
+
+def _wrt_candidates(leaves: list[Node], targets: list[Node]) -> Iterator[list[Node]]:
+    """Likely `wrt` lists, most likely first: every parameter (`model.parameters()`), then the
+    parameters and float inputs whose types some gradient output has, then only such parameters."""
+    types = {t.type for t in targets}
+    params = [n for n in leaves if n.op is Op.PARAM]
+    seen: list[list[Node]] = []
+    for wrt in (params, [n for n in leaves if n.type in types], [n for n in params if n.type in types]):
+        if wrt and not any(len(w) == len(wrt) and all(a is b for a, b in zip(w, wrt)) for w in seen):
+            seen.append(wrt)
+            yield wrt
+
+
+def _loss_candidates(loss: Node) -> Iterator[Node]:
+    """The loss, then (for `value_and_grad`'s loss, whose forward loops autodiff extended with
+    residual outputs) the same loss on loops narrowed to the outputs it reads."""
+    yield loss
+    used: dict[Node, int] = {}
+    for n in toposort([loss]):
+        if n.op is Op.PROJ and n.src[0].op is Op.LOOP:
+            used[n.src[0]] = max(used.get(n.src[0], -1), int(n.arg))  # type: ignore[call-overload]
+
+    def narrow(node: Node, src: tuple[Node, ...]) -> Node | None:
+        if node.op is not Op.LOOP or node not in used:
+            return None
+        info: LoopInfo = node.arg  # type: ignore[assignment]
+        keep = max(used[node] + 1, info.n_carry)
+        if keep >= len(info.body.outputs):
+            return None
+        body = Graph(info.body.inputs, info.body.outputs[:keep])
+        return Node.make(Op.LOOP, src, LoopInfo(body, info.length, info.n_consts, info.n_carry,
+                                                info.reverse), loc=node.loc)
+    if any(used[lp] + 1 < len(lp.arg.body.outputs) for lp in used):  # type: ignore[union-attr]
+        narrowed = rewrite([loss], narrow)[0]
+        if narrowed is not loss:
+            yield narrowed
+
+
+def _merged(graph: Graph) -> Graph:
+    """The graph with loops merged as `ur.compile` merges them: the forward runs once."""
+    merged = merge_loops(list(graph.outputs))
+    if all(a is b for a, b in zip(merged, graph.outputs)):
+        return graph
+    return Graph(graph.inputs, tuple(merged), graph.output_names)
+
+
+# ---- the compact view's plan: which ops are drawn, and as what ----------------------------------
+
+FORWARD, BACKWARD = "fw", "bw"  # the two rows of steps
+Place = tuple[int, str]  # where a top-level node is drawn: (step, row)
+
+
+def _row(node: Node) -> str:
+    return BACKWARD if node.role == "backward" else FORWARD
+
+
+def _slice_part(node: Node) -> Node | None:
+    """The concat part a slice takes back whole (the unrolled residuals: a value stacked over the
+    steps, then sliced again per step), else None."""
+    src = node.src[0]
+    if node.op is not Op.SLICE or src.op is not Op.CONCAT:
+        return None
+    axis: int = src.arg  # type: ignore[assignment]
+    ranges: tuple[tuple[int, int, int], ...] = node.arg  # type: ignore[assignment]
+    if any(r != (0, d, 1) for i, (r, d) in enumerate(zip(ranges, src.shape)) if i != axis):
+        return None
+    start, stop, step = ranges[axis]
+    offset = 0
+    for part in src.src:
+        size = part.shape[axis]
+        if (start, stop, step) == (offset, offset + size, 1):
+            return part
+        offset += size
+    return None
+
+
+@dataclass
+class _Compact:
+    """Top-level nodes of a graph drawn with steps, compactly. A node is a unit (drawn as one node
+    of the picture), a member of a group (drawn as its group's box), transparent (drawn as the edge
+    it is: `alias` names the node drawn for its value, None for a constant, not drawn) or dead (no
+    output reads it once movement is seen through: not drawn)."""
+
+    alias: dict[Node, Node | None] = field(default_factory=dict)
+    leader: dict[Node, Node] = field(default_factory=dict)       # grouped node -> its group's first
+    members: dict[Node, list[Node]] = field(default_factory=dict)  # group's first -> its members
+    live: set[Node] = field(default_factory=set)                 # units drawn
+    stubs: dict[Node, int] = field(default_factory=dict)  # backward unit -> parameters it reads
+
+    def unit(self, node: Node) -> Node | None:
+        """The unit drawn for node's value; None for constants."""
+        if node in self.alias:
+            unit = self.alias[node]
+            return None if unit is None else self.leader.get(unit, unit)
+        return self.leader.get(node, node)
+
+    def grouped(self, unit: Node) -> bool:
+        return len(self.members.get(unit, ())) > 1
+
+
+def _compact_plan(graph: Graph, place_of: dict[Node, Place]) -> _Compact:
+    plan = _Compact()
+    order = toposort(list(graph.inputs) + list(graph.outputs))  # the order _Drawer draws in
+    outputs = set(graph.outputs)
+    alias, leader, members = plan.alias, plan.leader, plan.members
+
+    def rep(n: Node) -> Node | None:
+        return alias[n] if n in alias else n
+
+    # 1. transparent nodes: constants, data movement of one value, the projections of a fused box
+    for n in order:
+        if n.op is Op.PROJ and n.src[0].op is Op.FUSED:  # the box stands for its outputs
+            alias[n] = n.src[0]
+        elif n in outputs:
+            continue
+        elif n.op is Op.CONST:
+            alias[n] = None
+        elif n.op in MOVEMENT:
+            part = _slice_part(n)
+            if part is not None:
+                alias[n] = rep(part)
+                continue
+            srcs = list(dict.fromkeys(r for r in map(rep, n.src) if r is not None))
+            if len(srcs) <= 1:
+                alias[n] = srcs[0] if srcs else None
+
+    # 2. groups: the connected elementwise ops and reductions of one step and row (or of the
+    # untagged top level) form one box, unless a path leaves the group and comes back into it
+    # through another unit (the boxes would form a cycle): then they join one by one
+    units = [n for n in order if n not in alias]
+    bucket: dict[Node, tuple[int | None, str]] = {n: place_of.get(n, (None, _row(n))) for n in units}
+    src_of = {n: [u for u in dict.fromkeys(map(rep, n.src)) if u is not None] for n in units}
+    users_in: dict[Node, list[Node]] = {}  # users in the same bucket
+    for n in units:
+        for s in src_of[n]:
+            if bucket.get(s) == bucket[n]:
+                users_in.setdefault(s, []).append(n)
+    groupable = {n for n in units if n.op in GROUPED}
+    root = {n: n for n in groupable}
+
+    def find(x: Node) -> Node:
+        while root[x] is not x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+    for n in units:
+        if n in groupable:
+            for s in src_of[n]:
+                if s in groupable and bucket[s] == bucket[n] and find(s) is not find(n):
+                    root[find(n)] = find(s)
+    components: dict[Node, list[Node]] = {}
+    for n in units:
+        if n in groupable:
+            components.setdefault(find(n), []).append(n)
+    split: set[Node] = set()
+    for comp in components.values():
+        if len(comp) == 1 or _convex(comp, users_in):
+            members[comp[0]] = comp
+            leader.update((m, comp[0]) for m in comp)
+        else:
+            split.update(comp)
+    if split:
+        _join_one_by_one(units, split, src_of, bucket, leader, members)
+
+    # 3. the units' sources; keep what an output reads
+    src_units = _unit_sources(plan, order)
+    while True:  # a path that leaves a group and comes back through other steps: split it
+        cycle = _find_cycle(src_units)
+        if not cycle:
+            break
+        split_up = [u for u in cycle if len(members.get(u, ())) > 1]
+        if not split_up:  # cannot happen: seeing through data movement keeps a DAG a DAG
+            raise AssertionError("unroll.viz: a cycle without a fused group")
+        for lead in split_up:
+            for m in members.pop(lead):
+                leader[m] = m
+                members[m] = [m]
+        src_units = _unit_sources(plan, order)
+    _compact_live(plan, graph, src_units)
+    for u in plan.live:  # the names of parameters and inputs drawn in backward steps
+        if place_of.get(u, (None, FORWARD))[1] == BACKWARD:
+            plan.stubs[u] = sum(1 for s in src_units.get(u, ()) if s.op in (Op.PARAM, Op.INPUT))
+    return plan
+
+
+def _unit_sources(plan: _Compact, order: list[Node]) -> dict[Node, set[Node]]:
+    src_units: dict[Node, set[Node]] = {}
+    for n in order:
+        if n not in plan.alias:
+            u = plan.leader.get(n, n)
+            src_units.setdefault(u, set()).update(
+                v for v in (plan.unit(s) for s in n.src) if v is not None and v is not u)
+    return src_units
+
+
+def _convex(comp: list[Node], users_in: dict[Node, list[Node]]) -> bool:
+    """Does no path leave the group and come back into it (within its bucket)?"""
+    inside = set(comp)
+    stack = [u for m in comp for u in users_in.get(m, ()) if u not in inside]
+    seen: set[Node] = set()
+    while stack:
+        u = stack.pop()
+        if u in inside:
+            return False
+        if u not in seen:
+            seen.add(u)
+            stack.extend(users_in.get(u, ()))
+    return True
+
+
+def _join_one_by_one(units: list[Node], allowed: set[Node], src_of: dict[Node, list[Node]],
+                     bucket: dict[Node, tuple[int | None, str]], leader: dict[Node, Node],
+                     members: dict[Node, list[Node]]) -> None:
+    """Groups for the ops of non-convex components: in dependency order, an op joins the group of
+    one of its sources unless another of its sources is reached from that group."""
+    above: dict[Node, set[Node]] = {}  # unit -> group leaders of its bucket that reach it
+    for n in units:
+        srcs = [s for s in src_of[n] if bucket.get(s) == bucket[n]]
+        reach: set[Node] = set()
+        for s in srcs:
+            reach |= above.get(s, set())
+            if s in leader:
+                reach.add(leader[s])
+        if n in allowed:
+            for lead in dict.fromkeys(leader[s] for s in srcs if s in allowed and s in leader):
+                if all(lead not in above.get(s, ()) for s in srcs if leader.get(s) is not lead):
+                    leader[n] = lead
+                    members[lead].append(n)
+                    break
+            else:
+                leader[n] = n
+                members[n] = [n]
+        above[n] = reach
+
+
+def _compact_live(plan: _Compact, graph: Graph, src_units: dict[Node, set[Node]]) -> None:
+    stack = [u for u in (plan.unit(o) for o in graph.outputs) if u is not None]
+    while stack:
+        u = stack.pop()
+        if u not in plan.live:
+            plan.live.add(u)
+            stack.extend(src_units.get(u, ()))
+
+
+def _find_cycle(src_units: dict[Node, set[Node]]) -> list[Node]:
+    """The units on one cycle of the unit graph, or [] (iterative depth-first search)."""
+    state: dict[Node, int] = {}  # 1: on the current path, 2: done
+    for start in src_units:
+        if start in state:
+            continue
+        path: list[Node] = [start]
+        its = [iter(src_units.get(start, ()))]
+        state[start] = 1
+        while its:
+            nxt = next(its[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                its.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                its.append(iter(src_units.get(nxt, ())))
+    return []
 
 
 # ---- the drawing walk ---------------------------------------------------------------------------
@@ -281,46 +684,78 @@ ELLIPSIS = "ellipsis"
 
 
 class _Drawer:
-    def __init__(self, graph: Graph, step_of: dict[Node, int], hidden: set[Node],
-                 hidden_steps: list[int], dot: _Dot) -> None:
+    def __init__(self, graph: Graph, place_of: dict[Node, Place], hidden: set[Node],
+                 hidden_steps: list[int], dot: _Dot, labels: list[str] | None = None,
+                 plan: _Compact | None = None) -> None:
         self.graph = graph
-        self.step_of = step_of
+        self.place_of = place_of
         self.hidden = hidden
         self.dot = dot
-        self.step_clusters: dict[int, _Cluster] = {}
-        self.outputs = {id(n): name for n, name in zip(
-            graph.outputs, graph.output_names or [f"output {i}" for i in range(len(graph.outputs))])}
-        # the columns, left to right: an invisible node with ordering=out points to an invisible
-        # anchor in each column, in time order, and a low mclimit (set by to_dot) keeps that
-        # initial order instead of letting crossing minimization shuffle the columns
-        row: list[str] = []
-        for step in sorted({s for n, s in step_of.items() if n not in hidden}):
-            if hidden_steps and step > hidden_steps[0] and ELLIPSIS not in row:
-                gap = dot.cluster(dot.root, "hidden", {
-                    **CLUSTER_STYLE["hidden"], "label": f"t = {hidden_steps[0]}…{hidden_steps[-1]}"})
-                dot.node(gap, ELLIPSIS, {
-                    **NODE_STYLE["ellipsis"], "label": f"… {len(hidden_steps)} steps …",
-                    "tooltip": f"steps {hidden_steps[0]} to {hidden_steps[-1]} are not drawn; raise "
-                               f"max_nodes to see them"})
-                row.append(dot.node(gap, "hidden_anchor", NODE_STYLE["anchor"]))
-                row.append(ELLIPSIS)
-            cluster = dot.cluster(dot.root, f"t{step}", {**CLUSTER_STYLE["step"], "label": f"t = {step}"})
-            self.step_clusters[step] = cluster
-            row.append(dot.node(cluster, f"t{step}_anchor", NODE_STYLE["anchor"]))
-        if row:
-            dot.top_rank.append(dot.node(dot.root, "time", {**NODE_STYLE["anchor"], "ordering": "out"}))
-            for a in row:
-                if a != ELLIPSIS:
-                    dot.edge("time", a, EDGE_STYLE["order"])
+        self.plan = plan
+        self.step_clusters: dict[Place, _Cluster] = {}
+        self.anchors: dict[Place, str] = {}
+        self.kinds: set[str] = set()                  # what the legend lists
+        self.legend = True
+        self.above_bw: set[str] = set()               # drawn outside the steps, read by backward
+        self.leaves: set[str] = set()                 # parameters and inputs drawn
+        self.placed: dict[str, Place] = {}            # drawn name -> its step cluster
+        self.fed: set[str] = set()                    # drawn names with a source in their own step
+        self.feeds: set[str] = set()                  # drawn names with a user in their own step
+        labels = labels or [f"output {i}" for i in range(len(graph.outputs))]
+        self.outputs: dict[int, str] = {}
+        for n, name in zip(graph.outputs, labels):  # a node output twice: both names
+            self.outputs[id(n)] = f"{self.outputs[id(n)]}, {name}" if id(n) in self.outputs else name
+        places = sorted({p for n, p in place_of.items() if n not in hidden and self._drawn(n)},
+                        key=lambda p: (p[1] == BACKWARD, p[0]))
+        self.rows = {row: [p for p in places if p[1] == row] for row in (FORWARD, BACKWARD)}
+        # the steps, left to right: an invisible node with ordering=out points to an invisible
+        # anchor in each step, in time order, and a low mclimit (set by to_dot) keeps that
+        # initial order instead of letting crossing minimization shuffle them. The backward row's
+        # ordering node hangs below every forward step (see _finish), so the rows stack.
+        gap_row = FORWARD if self.rows[FORWARD] else BACKWARD  # the row "… k steps …" stands in
+        for row in (FORWARD, BACKWARD):
+            order: list[str] = []
+            for place in self.rows[row]:
+                step = place[0]
+                if row == gap_row and hidden_steps and hidden_steps[0] < step \
+                        and "hidden_anchor" not in order:
+                    gap = dot.cluster(dot.root, "hidden", {
+                        **CLUSTER_STYLE["hidden"], "label": f"t = {hidden_steps[0]}…{hidden_steps[-1]}"})
+                    dot.node(gap, ELLIPSIS, {
+                        **NODE_STYLE["ellipsis"], "label": f"… {len(hidden_steps)} steps …",
+                        "tooltip": f"steps {hidden_steps[0]} to {hidden_steps[-1]} are not drawn; raise "
+                                   f"max_nodes to see them"})
+                    order.append(dot.node(gap, "hidden_anchor", NODE_STYLE["anchor"]))
+                name = f"t{step}" if row == FORWARD else f"t{step}_bw"
+                label = f"t = {step}" if row == FORWARD else f"t = {step} backward"
+                cluster = dot.cluster(dot.root, name, {
+                    **CLUSTER_STYLE["step" if row == FORWARD else "step_backward"], "label": label})
+                self.step_clusters[place] = cluster
+                self.anchors[place] = dot.node(cluster, f"{name}_anchor", NODE_STYLE["anchor"])
+                order.append(self.anchors[place])
+            if not order:
+                continue
+            head = "time" if row == FORWARD or not self.rows[FORWARD] else "time_bw"
+            dot.node(dot.root, head, {**NODE_STYLE["anchor"], "ordering": "out"})
+            if head == "time":
+                dot.top_rank.append(head)
+            for a in order:
+                dot.edge(head, a, EDGE_STYLE["order"])
 
-    # where a node of a scope is drawn: top-level nodes of the unrolled view go to their column
+    def _drawn(self, node: Node) -> bool:
+        """Is this top-level node with a step drawn as a node of its own (for the step clusters)?"""
+        if self.plan is None:
+            return node.op is not Op.CONST
+        return node in self.plan.live
+
+    # where a node of a scope is drawn: top-level nodes with a step go to their step
     def _cluster_of(self, scope: _Scope, node: Node) -> _Cluster:
-        if scope.owner is None and node in self.step_of:
-            return self.step_clusters[self.step_of[node]]
+        if scope.owner is None and node in self.place_of:
+            return self.step_clusters[self.place_of[node]]
         return scope.cluster
 
-    def _step(self, scope: _Scope, node: Node) -> int | None:
-        return self.step_of.get(node) if scope.owner is None else None
+    def _where(self, scope: _Scope, node: Node) -> Place | None:
+        return self.place_of.get(node) if scope.owner is None else None
 
     def run(self) -> None:
         top = _Scope(self.graph, self.dot.root, "n")
@@ -336,6 +771,7 @@ class _Drawer:
             child = self._draw(scope, node)
             if child is not None:
                 stack.append(self._open(child))
+        self._finish()
 
     def _open(self, scope: _Scope) -> _Scope:
         scope.order = toposort(list(scope.graph.inputs) + list(scope.graph.outputs))
@@ -353,11 +789,6 @@ class _Drawer:
                                                           "tooltip": _tooltip(src)})
         return ep
 
-    def _across(self, scope: _Scope, src: Node, node: Node) -> bool:
-        """Does the edge run between two step columns?"""
-        a, b = self._step(scope, src), self._step(scope, node)
-        return a is not None and b is not None and a != b
-
     def _edge_kind(self, scope: _Scope, src: Node, node: Node) -> str:
         if node.op is Op.STOP_GRADIENT or node.role == "truncate":
             return "cut"
@@ -367,18 +798,57 @@ class _Drawer:
             return "const"  # a weight entering the loop
         return "backward" if node.role == "backward" else "data"
 
+    def _link(self, a: str, b: str, kind: str, pa: Place | None, pb: Place | None) -> None:
+        """An edge a -> b of `kind`; pa, pb: the steps they are drawn in (None: outside steps)."""
+        if kind == "cut":
+            self.kinds.add("truncated")
+        if b == ELLIPSIS:
+            self.dot.edge(a, b, EDGE_STYLE["ellipsis"], once=True)
+            return
+        once = self.plan is not None or a == ELLIPSIS
+        if pa is not None and pa == pb:
+            self.fed.add(b)
+            self.feeds.add(a)
+        if pa is None and pb is not None and pb[1] == BACKWARD and a not in self.leaves:
+            self.above_bw.add(a)
+        if pa is not None and pb is not None and pa != pb and pa[1] == pb[1]:
+            cut = {"style": "dashed"} if kind == "cut" else {}
+            if pa[1] == BACKWARD or self.plan is not None:  # no rank constraint (no staircase)
+                self.dot.edge(a, b, {**EDGE_STYLE["carry_back"], **cut}, once=once)
+            else:  # between two forward steps: written reversed, see EDGE_STYLE["carry_step"]
+                self.dot.edge(b, a, {**EDGE_STYLE["carry_step"], **cut}, once=once)
+        else:
+            self.dot.edge(a, b, EDGE_STYLE[kind], once=once)
+
     def _node_attrs(self, node: Node, kind: str, label: str, top: bool = False) -> dict[str, str]:
         attrs = {**NODE_STYLE[kind], "label": label, "tooltip": _tooltip(node)}
-        if kind in ("op", "cut"):
-            attrs["fillcolor"] = ROLE_FILL.get(node.role, OTHER_ROLE_FILL)
+        if kind in ("op", "cut", "fused"):
+            role = node.role
+            if self.plan is not None and role == "truncate" and kind != "cut":
+                role = None  # compact: the truncate pass's forward ops are forward ops; its cuts
+            attrs["fillcolor"] = ROLE_FILL.get(role, OTHER_ROLE_FILL)  # are its stop_gradients
+            self.kinds.add("backward" if node.role == "backward" else "forward")
+        if kind == "fused":
+            self.kinds.add("fused")
         if top and id(node) in self.outputs:
             attrs["peripheries"] = "2"
             attrs["xlabel"] = self.outputs[id(node)]
         return attrs
 
+    def _put(self, scope: _Scope, node: Node, name: str, cluster: _Cluster, attrs: dict[str, str]) -> str:
+        self.dot.node(cluster, name, attrs)
+        place = self._where(scope, node)
+        if place is not None:
+            self.placed[name] = place
+        return name
+
     def _draw(self, scope: _Scope, node: Node) -> _Scope | None:
         """Draw one node; return the body scope to draw next for LOOP/FUSED nodes."""
         name = self._id(scope, node)
+        if self.plan is not None and scope.owner is None and node.op is not Op.LOOP \
+                and not (node.op is Op.PROJ and node.src[0].op is Op.LOOP):
+            self._draw_compact(scope, node, name)
+            return None
         if node in self.hidden or (node.op is Op.PROJ and node.src[0] in self.hidden):
             scope.ep[node] = ELLIPSIS
             for src in node.src:
@@ -400,38 +870,116 @@ class _Drawer:
             return self._draw_owner(scope, node, name, cluster)
         kind = {Op.PARAM: "param", Op.INPUT: "input", Op.CONST: "const",
                 Op.STOP_GRADIENT: "cut"}.get(node.op, "cut" if node.role == "truncate" else "op")
-        scope.ep[node] = self.dot.node(cluster, name, self._node_attrs(node, kind, node_label(node),
-                                                                       top=scope.owner is None))
-        if self.step_of and kind in ("param", "input"):  # unrolled: weights above the columns
+        scope.ep[node] = self._put(scope, node, name, cluster, self._node_attrs(
+            node, kind, node_label(node), top=scope.owner is None))
+        if self.place_of and kind in ("param", "input"):  # weights above the steps
             self.dot.top_rank.append(name)
+            self.leaves.add(name)
         for pos, src in enumerate(node.src):
             a = self._endpoint(scope, src, name, pos, cluster)
-            kind = self._edge_kind(scope, src, node)
-            if self._across(scope, src, node):  # written reversed: see EDGE_STYLE["carry_step"]
-                self.dot.edge(name, a, {**EDGE_STYLE["carry_step"],
-                                        **({"style": "dashed"} if kind == "cut" else {})})
-            else:
-                self.dot.edge(a, name, EDGE_STYLE[kind], once=a == ELLIPSIS)
+            self._link(a, name, self._edge_kind(scope, src, node), self._src_place(scope, src, a),
+                       self._where(scope, node))
         return None
+
+    def _src_place(self, scope: _Scope, src: Node, ep: str) -> Place | None:
+        if ep in self.placed:
+            return self.placed[ep]
+        return self._where(scope, src) if scope.ep.get(src) is not None else None
+
+    def _draw_compact(self, scope: _Scope, node: Node, name: str) -> None:
+        """A top-level node of the compact view (loops and their projections are drawn as usual)."""
+        plan = self.plan
+        assert plan is not None
+        unit = plan.unit(node)
+        if unit is None:  # a constant: not drawn (an output constant is a unit of its own)
+            scope.ep[node] = None
+            return
+        if unit is not node:  # transparent, or a later member of a group
+            scope.ep[node] = scope.ep.get(unit)
+            if node in plan.alias:
+                return
+        if unit not in plan.live:
+            scope.ep[node] = None
+            return
+        if unit in self.hidden:
+            scope.ep[node] = ELLIPSIS
+            for src in node.src:
+                ep = scope.ep.get(src)
+                if ep is not None and ep != ELLIPSIS:
+                    self._link(ep, ELLIPSIS, "data", None, None)
+            return
+        if unit is node:  # a unit's first node: draw it
+            cluster = self._cluster_of(scope, node)
+            if plan.grouped(node):
+                members = plan.members[node]
+                attrs = self._node_attrs(node, "fused", _group_label(members))
+                attrs["tooltip"] = (f"{len(members)} ops computed in one fused kernel: "
+                                    + ", ".join(m.op.value for m in members)
+                                    + (f" (step {node.step})" if node.step is not None else "")
+                                    + f"\nbuilt at {node.loc}")
+                outs = [o for o in self.graph.outputs if plan.unit(o) is node]
+            elif node.op is Op.FUSED:
+                body: Graph = node.arg  # type: ignore[assignment]
+                n_ops = sum(1 for n in body.nodes() if n.op not in (Op.ARG, Op.CONST))
+                attrs = self._node_attrs(node, "fused", f"fused kernel ({n_ops} ops)\n{node.type_str()}")
+                outs = [o for o in self.graph.outputs if plan.unit(o) is node]
+            else:
+                kind = {Op.PARAM: "param", Op.INPUT: "input", Op.CONST: "const",
+                        Op.STOP_GRADIENT: "cut"}.get(node.op, "op")
+                attrs = self._node_attrs(node, kind, node_label(node))
+                if self.place_of and kind in ("param", "input"):
+                    self.dot.top_rank.append(name)
+                    self.leaves.add(name)
+                outs = [node] if node in self.graph.outputs else []
+            if outs:  # outputs: their names head the label (xlabels would collide with the steps)
+                names = dict.fromkeys(self.outputs[id(o)] for o in outs)
+                attrs.update(peripheries="2", label="\n".join([*names, attrs["label"]]))
+            scope.ep[node] = self._put(scope, node, name, cluster, attrs)
+        me = scope.ep[unit]
+        assert me is not None
+        here = self.placed.get(me)
+        for src in node.src:
+            ep = scope.ep.get(src)
+            if ep is None or ep == me:
+                continue
+            leaf = plan.unit(src)
+            if here is not None and here[1] == BACKWARD and leaf is not None \
+                    and leaf.op in (Op.PARAM, Op.INPUT):
+                ep = self._stub(leaf, me, here)  # no long edge from the top: the name, in the step
+            kind = "cut" if node.op is Op.STOP_GRADIENT else "backward" if node.role == "backward" \
+                else "data"
+            self._link(ep, me, kind, self.placed.get(ep), here)
+
+    def _stub(self, leaf: Node, user: str, place: Place) -> str:
+        """A parameter or input read by a backward step, drawn in that step as its name."""
+        name = f"{user}_{leaf.name}"
+        if name not in self.placed:
+            kind = "param" if leaf.op is Op.PARAM else "input"
+            self.dot.node(self.step_clusters[place], name, {
+                **NODE_STYLE["const"], "fontsize": "10", "fontcolor": NODE_STYLE[kind]["color"],
+                "label": leaf.name, "tooltip": f"{kind} {leaf.name} {leaf.type_str()} (drawn once above)"})
+            self.placed[name] = place
+        return name
 
     def _draw_owner(self, scope: _Scope, node: Node, name: str, cluster: _Cluster) -> _Scope:
         body = nested_body(node)
         assert body is not None
         if node.op is Op.LOOP:
             info: LoopInfo = node.arg  # type: ignore[assignment]
-            attrs = {**CLUSTER_STYLE["loop"], "label": loop_label(info),
+            attrs = {**CLUSTER_STYLE["loop"],
+                     "label": loop_label(info) + (" · backward" if node.role == "backward" else ""),
                      "tooltip": f"{info.n_consts} consts, {info.n_carry} carried, {info.n_xs} "
                                 f"sequences, {info.n_ys} outputs\nbuilt at {node.loc}"}
         else:
             n_ops = sum(1 for n in body.nodes() if n.op not in (Op.ARG, Op.CONST))
             attrs = {**CLUSTER_STYLE["fused"], "label": f"fused kernel ({n_ops} ops)",
                      "tooltip": f"fused kernel\nbuilt at {node.loc}"}
+            self.kinds.add("fused")
         sub = self.dot.cluster(cluster, name, attrs)
         scope.ep[node] = None
         # sources that are constants get their own small node outside the cluster
         eps = [self._endpoint(scope, s, name, i, cluster) for i, s in enumerate(node.src)]
         return _Scope(body, sub, f"{name}_", owner=node, outer=list(node.src), outer_eps=eps)
-
     def _draw_arg(self, scope: _Scope, node: Node, name: str) -> None:
         owner = scope.owner
         assert owner is not None
@@ -476,57 +1024,125 @@ class _Drawer:
                 self.dot.edge(eps[k], scope.ep[carry_arg], EDGE_STYLE["back"])  # type: ignore[arg-type]
 
 
-# ---- unrolled view: columns and summarization ---------------------------------------------------
+    def _finish(self) -> None:
+        """Stack the backward row below the forward one, then draw the legend."""
+        dot = self.dot
+        if self.rows[FORWARD] and self.rows[BACKWARD]:
+            # every forward step's last nodes sit above the backward row's ordering node and above
+            # the backward step of the same t (which puts it under them) ...
+            for name, place in self.placed.items():
+                if place[1] == FORWARD and name not in self.feeds:
+                    dot.edge(name, "time_bw", EDGE_STYLE["order"])
+                    below = self.anchors.get((place[0], BACKWARD))
+                    if below is not None:
+                        dot.edge(name, below, {**EDGE_STYLE["order"], "weight": "8"})
+            for name in self.above_bw:  # values computed outside the steps for the backward row
+                dot.edge(name, "time_bw", EDGE_STYLE["order"])
+        for name, place in self.placed.items():  # ... and its anchors above its steps' first nodes
+            if place[1] == BACKWARD and name not in self.fed and place in self.anchors:
+                dot.edge(self.anchors[place], name, EDGE_STYLE["order"])
+        kinds = [(k, text) for k, text in LEGEND if k in self.kinds]
+        if not self.legend or len(kinds) < 2:
+            return
+        dot.node(dot.root, "legend", {"shape": "plaintext", "margin": "0", "label": _legend_html(kinds),
+                                      "tooltip": "legend: " + ", ".join(text for _, text in kinds)})
+
+
+def _legend_html(kinds: list[tuple[str, str]]) -> _Html:
+    """The legend: one HTML-like table (one node, so it neither counts against max_nodes nor moves
+    the steps), a cell per kind drawn like the thing it names."""
+    cells = []
+    for kind, text in kinds:
+        if kind == "truncated":
+            cut = EDGE_STYLE["cut"]["color"]
+            cells.append(f'<TD BORDER="0"><FONT COLOR="{cut}">- - - &gt;</FONT> {text}</TD>')
+        elif kind == "fused":
+            cells.append(f'<TD BGCOLOR="{ROLE_FILL[None]}" COLOR="{NODE_STYLE["fused"]["color"]}" '
+                         f'BORDER="3" STYLE="rounded">{text}</TD>')
+        else:
+            fill = ROLE_FILL["backward" if kind == "backward" else None]
+            cells.append(f'<TD BGCOLOR="{fill}" STYLE="rounded">{text}</TD>')
+    return _Html('<TABLE BORDER="1" COLOR="#d5d8dc" STYLE="rounded" CELLSPACING="6" CELLPADDING="4">'
+                 '<TR><TD BORDER="0"><FONT COLOR="#7f8c8d">legend</FONT></TD>' + "".join(cells)
+                 + "</TR></TABLE>")
+
+
+# ---- steps: where each node goes, and summarization ---------------------------------------------
 
 def _has_loops(graph: Graph) -> bool:
     return any(n.op is Op.LOOP for n, _ in all_nodes(graph))
 
 
-FOLLOWERS = MOVEMENT | {Op.PROJ}  # untagged ops drawn in the column of their users or sources
+def _has_steps(graph: Graph) -> bool:
+    """Was the graph unrolled before drawing? (its top-level nodes carry step tags)"""
+    return any(n.step is not None for n in graph.nodes())
 
 
-def _columns(graph: Graph) -> dict[Node, int]:
-    """The time step of each top-level node: its tag, else (data movement and proj only) the one step
-    all its users lie in (the x[t] slices), else the one step all its non-leaf sources lie in (the
-    reshape that stacks y_t, the outputs of a fused kernel)."""
+FOLLOWERS = MOVEMENT | {Op.PROJ}  # untagged ops drawn in the step of their users or sources
+
+
+def _columns(graph: Graph) -> dict[Node, Place]:
+    """Where each top-level node is drawn: its step tag and its row (backward or forward, from its
+    role); else (data movement and proj only) the one place all its users lie in (the x[t] slices),
+    else the one place all its non-leaf sources lie in (the reshape that stacks y_t, the outputs of
+    a fused kernel). Users or sources of one step in both rows: the forward row."""
     order = graph.nodes()
-    step_of = {n: n.step for n in order if n.step is not None}
+    # a node with role "backward" that the forward steps read is drawn with them (nodes are
+    # interned: a backward pass that recomputes forward values can share nodes with the forward)
+    needed: set[Node] = set()
+    stack = [n for n in order if n.step is not None and n.role != "backward"]
+    while stack:
+        for s in stack.pop().src:
+            if s not in needed:
+                needed.add(s)
+                stack.append(s)
+    place_of: dict[Node, Place] = {n: (n.step, FORWARD if n in needed else _row(n))
+                                   for n in order if n.step is not None}
     users: dict[Node, list[Node]] = {}
     for n in order:
         for s in n.src:
             users.setdefault(s, []).append(n)
 
-    def only_step(nodes: list[Node]) -> int | None:
-        steps = {step_of.get(n) for n in nodes}
-        return steps.pop() if len(steps) == 1 else None
+    def only_place(nodes: list[Node]) -> Place | None:
+        places = {place_of.get(n) for n in nodes}
+        if len(places) == 1:
+            return places.pop()
+        steps = {p[0] if p is not None else None for p in places}
+        if len(steps) == 1 and None not in steps:
+            return steps.pop(), FORWARD  # type: ignore[return-value]
+        return None
 
     for n in reversed(order):
-        if n not in step_of and n.op in FOLLOWERS and n in users and n not in graph.outputs:
-            step = only_step(users[n])
-            if step is not None:
-                step_of[n] = step
+        if n not in place_of and n.op in FOLLOWERS and n in users and n not in graph.outputs:
+            place = only_place(users[n])
+            if place is not None:
+                place_of[n] = place
     for n in order:
         srcs = [s for s in n.src if s.src]
-        if n not in step_of and n.op in FOLLOWERS and srcs:
-            step = only_step(srcs)
-            if step is not None:
-                step_of[n] = step
-    return step_of
+        if n not in place_of and n.op in FOLLOWERS and srcs:
+            place = only_place(srcs)
+            if place is not None:
+                place_of[n] = place
+    return place_of
 
 
-def _summarize(graph: Graph, step_of: dict[Node, int], max_nodes: int) -> tuple[set[Node], list[int]]:
+def _summarize(graph: Graph, place_of: dict[Node, Place], max_nodes: int,
+               plan: _Compact | None = None) -> tuple[set[Node], list[int]]:
     """Hide middle steps until the drawing has at most max_nodes nodes (first and last step always
     stay). Returns the hidden nodes and the hidden steps."""
     weight: dict[Node, int] = {}
     total = 0
     for n in graph.nodes():
         body = nested_body(n)
-        weight[n] = 1 + (sum(1 for _ in all_nodes(body)) if body is not None else 0)
+        if plan is not None and n.op is not Op.LOOP:
+            weight[n] = int(n in plan.live) + plan.stubs.get(n, 0)  # compact: the nodes drawn
+        else:
+            weight[n] = 1 + (sum(1 for _ in all_nodes(body)) if body is not None else 0)
         total += weight[n]
     if total <= max_nodes:
         return set(), []
     per_step: dict[int, int] = {}
-    for n, s in step_of.items():
+    for n, (s, _) in place_of.items():
         per_step[s] = per_step.get(s, 0) + weight[n]
     steps = sorted(per_step)
     if len(steps) <= 2:
@@ -546,7 +1162,7 @@ def _summarize(graph: Graph, step_of: dict[Node, int], max_nodes: int) -> tuple[
             hi -= 1
     hidden_steps = steps[lo:hi]
     hidden_set = set(hidden_steps)
-    return {n for n, s in step_of.items() if s in hidden_set}, hidden_steps
+    return {n for n, (s, _) in place_of.items() if s in hidden_set}, hidden_steps
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -563,33 +1179,48 @@ def _as_graph(graph: GraphLike) -> Graph:
 
 
 def to_dot(graph: GraphLike, view: str = "rolled", max_nodes: int = 400, rankdir: str | None = None,
-           title: str | None = None) -> str:
+           title: str | None = None, detail: bool = False, compact: bool | None = None,
+           legend: bool = True) -> str:
     """The DOT text of `graph` in the rolled or unrolled view (see the module docstring).
 
-    max_nodes: unrolled view only (the rolled view draws everything): above this many nodes only
-    the first and last steps are drawn, with an ellipsis node for the rest. rankdir: Graphviz direction ("TB" by default, "LR").
-    title: a label for the whole picture."""
+    max_nodes: views with steps only (the rolled view draws every loop body): above this many
+    drawn nodes only the first and last steps are drawn, with an ellipsis node for the rest.
+    rankdir: Graphviz direction ("TB" by default, "LR"). title: a label for the whole picture.
+    detail=True (the same as compact=False): steps show every op, no fused groups (the compact
+    default draws each step's elementwise math as one box, data movement as edges). legend=False:
+    no legend."""
     if view not in VIEWS:
         raise ValueError(f"to_dot: view must be one of {VIEWS}, found {view!r}")
+    if compact is None:
+        compact = not detail
+    elif compact and detail:
+        raise ValueError(f"to_dot: detail={detail} contradicts compact={compact}; pass one of them")
     g = _as_graph(graph)
-    step_of: dict[Node, int] = {}
-    hidden: set[Node] = set()
-    hidden_steps: list[int] = []
-    if view == "unrolled":
-        if _has_loops(g):
-            g = unroll(g)
-        step_of = _columns(g)
-        hidden, hidden_steps = _summarize(g, step_of, max_nodes)
+    labels = output_labels(g)  # before merging: recognising gradients rebuilds them from the loss
+    g = _merged(g)
+    place_of: dict[Node, Place] = {}
+    if view == "unrolled" and _has_loops(g):
+        g = unroll(g)
+    if view == "unrolled" or _has_steps(g):
+        place_of = _columns(g)
+    plan = _compact_plan(g, place_of) if compact and place_of else None
+    if plan is None:  # the detailed view keeps one step per column, backward under forward
+        place_of = {n: (step, FORWARD) for n, (step, _) in place_of.items()}
+    hidden, hidden_steps = _summarize(g, place_of, max_nodes, plan) if place_of else (set(), [])
     attrs = {"rankdir": rankdir or "TB", "newrank": "true", "fontname": "Helvetica"}
     notes = [title] if title else []
     if hidden_steps:
         notes.append(f"steps {hidden_steps[0]}–{hidden_steps[-1]} hidden (above max_nodes={max_nodes})")
     if notes:
         attrs.update(label="\n".join(notes), labelloc="t")
-    if step_of:
-        attrs["mclimit"] = "0.01"  # keep the columns in time order (see _Drawer)
-    dot = _Dot(attrs)
-    _Drawer(g, step_of, hidden, hidden_steps, dot).run()
+    if place_of:
+        attrs["mclimit"] = "0.01"  # keep the steps in time order (see _Drawer)
+    if plan is not None:
+        attrs.update(COMPACT_LAYOUT)
+    dot = _Dot(attrs, COMPACT_NODES if plan is not None else None)
+    drawer = _Drawer(g, place_of, hidden, hidden_steps, dot, labels, plan)
+    drawer.legend = legend
+    drawer.run()
     return dot.text()
 
 
@@ -645,7 +1276,8 @@ def draw(graph: GraphLike, path: str | Path | None = None, view: str = "rolled",
     .png, .pdf, ... anything `dot -T` knows) unless `format` is given; .dot/.gv write the DOT text
     and need no renderer. Rendering needs Graphviz's `dot` (or pygraphviz); without it a
     RuntimeError says how to install it. Without a path: returns a `graphviz.Source` (it displays
-    itself in notebooks; `.pipe()`, `.render()`). `options` go to `to_dot` (rankdir, title)."""
+    itself in notebooks; `.pipe()`, `.render()`). `options` go to `to_dot` (rankdir, title, detail,
+    compact, legend)."""
     text = to_dot(graph, view=view, max_nodes=max_nodes, **options)
     if path is None:
         import graphviz
