@@ -53,15 +53,14 @@ Every walk is iterative (explicit stacks): unrolled graphs are thousands of node
 from __future__ import annotations
 
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .ir.loops import merge_loops
-from .ir.node import Graph, LoopInfo, Node, all_nodes, nested_body, rewrite, toposort
-from .ir.ops import ELEMENTWISE, FLOAT_DTYPES, MOVEMENT, REDUCE, Op, TensorType
+from .ir.node import Graph, LoopInfo, Node, all_nodes, nested_body, toposort
+from .ir.ops import ELEMENTWISE, MOVEMENT, REDUCE, Op, TensorType
 from .ir.unroll import unroll
 
 if TYPE_CHECKING:  # networkx is imported only by to_networkx
@@ -323,114 +322,34 @@ class _Dot:
 
 # ---- output names: what each gradient is the gradient of -----------------------------------------
 
-GRAD_SEARCH_SECONDS = 2.0  # stop rebuilding candidate gradients after this long (huge graphs)
-
-
 def output_labels(graph: Graph) -> list[str]:
     """The name drawn beside each output: the graph's output names when it has them, else "L" for a
     loss and "∂L/∂weight_hh_l0" for the gradients `ur.grad` built from it, else "output k".
 
-    A gradient is recognised exactly, not guessed from its shape: `grad(loss, wrt)` is rebuilt for a
-    few candidate `wrt` lists (all parameters of the graph; the parameters and float inputs whose
-    types the gradient outputs have) and policies (SaveAll, Recompute), and nodes are interned, so
-    a rebuilt gradient is the very output node when it is the gradient of that wrt node. The loss of
-    `ur.value_and_grad` shares its forward loop with the gradients; its loops are narrowed back to
-    the user's outputs first. Gradients of a graph unrolled before differentiating, of Checkpoint(k)
-    or of a loss not among the outputs keep "output k"."""
-    n = len(graph.outputs)
+    A gradient is recognised exactly, not guessed from its shape: autodiff records what each
+    gradient node it returns is the gradient of (`autodiff.GRADIENT_OF`; nodes are interned, so a
+    node that is the gradient of two parameters carries both names). Gradients of a graph rebuilt
+    after differentiating (unrolled, checkpoint segments) keep "output k"."""
     if graph.output_names is not None:
         return list(graph.output_names)
-    labels = [f"output {i}" for i in range(n)]
-    found = _find_gradients(graph)
-    if not found:
-        return labels
-    losses = sorted({loss for loss, _ in found.values()})
+    from .ir.autodiff import GRADIENT_OF
+    outs = list(graph.outputs)
+    labels = [f"output {i}" for i in range(len(outs))]
+    records = {i: GRADIENT_OF.get(o) for i, o in enumerate(outs)}
+    found = {i: r for i, r in records.items() if r is not None}
+    losses = sorted({i for r in found.values() for i, o in enumerate(outs) if any(o is loss for loss in r[0])})
     loss_name = {k: "L" if len(losses) == 1 else f"L{j}" for j, k in enumerate(losses)}
     for k in losses:
         labels[k] = loss_name[k]
-    for i, (k, names) in found.items():
-        labels[i] = " = ".join(f"∂{loss_name[k]}/∂{name}" for name in names)
+    for node in {outs[i] for i in found}:
+        where = [i for i in found if outs[i] is node]
+        loss_ids, names = found[where[0]]
+        k = next((j for j in losses if any(outs[j] is loss for loss in loss_ids)), None)
+        top = loss_name[k] if k is not None else "L"
+        for j, i in enumerate(where):  # the gradient of several wrt nodes, output as often: one each
+            own = [names[j]] if len(names) == len(where) else list(names)
+            labels[i] = " = ".join(f"∂{top}/∂{name}" for name in own)
     return labels
-
-
-def _find_gradients(graph: Graph) -> dict[int, tuple[int, list[str]]]:
-    """{output index: (index of the loss output, names of what it is the gradient of)}."""
-    outs = list(graph.outputs)
-    grads = [i for i, o in enumerate(outs) if o.role == "backward" and isinstance(o.type, TensorType)]
-    if not grads:
-        return {}
-    from .ir.autodiff import Recompute, SaveAll, grad  # autodiff is big; only gradient graphs need it
-
-    losses = [i for i, o in enumerate(outs) if o.role != "backward" and isinstance(o.type, TensorType)
-              and o.shape == () and o.dtype in FLOAT_DTYPES]
-    leaves = [n for n in graph.inputs if n.dtype in FLOAT_DTYPES]
-    found: dict[int, tuple[int, list[str]]] = {}
-    start = time.perf_counter()
-    for k in losses:
-        for loss in _loss_candidates(outs[k]):
-            for wrt in _wrt_candidates(leaves, [outs[i] for i in grads if i not in found]):
-                for policy in (SaveAll(), Recompute()):
-                    if time.perf_counter() - start > GRAD_SEARCH_SECONDS:
-                        return found
-                    try:
-                        rebuilt = grad(loss, wrt, policy=policy)
-                    except Exception:  # noqa: BLE001 - a drawing must not fail on a failed guess
-                        continue
-                    names: dict[Node, list[str]] = {}
-                    for w, g in zip(wrt, rebuilt):
-                        names.setdefault(g, []).append(w.name)  # type: ignore[arg-type]
-                    _assign(found, k, [i for i in grads if i not in found], outs, names)
-                    if all(i in found for i in grads):
-                        return found
-    return found
-
-
-def _assign(found: dict[int, tuple[int, list[str]]], loss: int, todo: list[int], outs: list[Node],
-            names: dict[Node, list[str]]) -> None:
-    """Name the outputs found among the rebuilt gradients. One node that is the gradient of several
-    wrt nodes and is output as often gets one name each, in order; otherwise all of them."""
-    for node in {outs[i] for i in todo if outs[i] in names}:
-        where = [i for i in todo if outs[i] is node]
-        got = names[node]
-        for j, i in enumerate(where):
-            found[i] = (loss, [got[j]] if len(got) == len(where) else got)
-
-
-def _wrt_candidates(leaves: list[Node], targets: list[Node]) -> Iterator[list[Node]]:
-    """Likely `wrt` lists, most likely first: every parameter (`model.parameters()`), then the
-    parameters and float inputs whose types some gradient output has, then only such parameters."""
-    types = {t.type for t in targets}
-    params = [n for n in leaves if n.op is Op.PARAM]
-    seen: list[list[Node]] = []
-    for wrt in (params, [n for n in leaves if n.type in types], [n for n in params if n.type in types]):
-        if wrt and not any(len(w) == len(wrt) and all(a is b for a, b in zip(w, wrt)) for w in seen):
-            seen.append(wrt)
-            yield wrt
-
-
-def _loss_candidates(loss: Node) -> Iterator[Node]:
-    """The loss, then (for `value_and_grad`'s loss, whose forward loops autodiff extended with
-    residual outputs) the same loss on loops narrowed to the outputs it reads."""
-    yield loss
-    used: dict[Node, int] = {}
-    for n in toposort([loss]):
-        if n.op is Op.PROJ and n.src[0].op is Op.LOOP:
-            used[n.src[0]] = max(used.get(n.src[0], -1), int(n.arg))  # type: ignore[call-overload]
-
-    def narrow(node: Node, src: tuple[Node, ...]) -> Node | None:
-        if node.op is not Op.LOOP or node not in used:
-            return None
-        info: LoopInfo = node.arg  # type: ignore[assignment]
-        keep = max(used[node] + 1, info.n_carry)
-        if keep >= len(info.body.outputs):
-            return None
-        body = Graph(info.body.inputs, info.body.outputs[:keep])
-        return Node.make(Op.LOOP, src, LoopInfo(body, info.length, info.n_consts, info.n_carry,
-                                                info.reverse), loc=node.loc)
-    if any(used[lp] + 1 < len(lp.arg.body.outputs) for lp in used):  # type: ignore[union-attr]
-        narrowed = rewrite([loss], narrow)[0]
-        if narrowed is not loss:
-            yield narrowed
 
 
 def _merged(graph: Graph) -> Graph:
@@ -1196,7 +1115,7 @@ def to_dot(graph: GraphLike, view: str = "rolled", max_nodes: int = 400, rankdir
     elif compact and detail:
         raise ValueError(f"to_dot: detail={detail} contradicts compact={compact}; pass one of them")
     g = _as_graph(graph)
-    labels = output_labels(g)  # before merging: recognising gradients rebuilds them from the loss
+    labels = output_labels(g)  # before merging: autodiff recorded the nodes it returned
     g = _merged(g)
     place_of: dict[Node, Place] = {}
     if view == "unrolled" and _has_loops(g):

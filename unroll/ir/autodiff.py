@@ -29,6 +29,7 @@ The loss keeps using the original loop; `merge_loops` swaps it for the extended 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -558,6 +559,24 @@ def _wrt_list(wrt: Node | Sequence[Node], what: str) -> tuple[list[Node], bool]:
     return nodes, single
 
 
+# What each gradient node `vjp` returned is the gradient of: (the output differentiated, the wrt
+# names), kept weakly beside the interned nodes for pictures and reports (`viz.output_labels`), so
+# nothing has to rediscover it. Graphs rebuilt afterwards (unroll, checkpoint segments) lose it.
+GRADIENT_OF: "weakref.WeakKeyDictionary[Node, tuple[tuple[Node, ...], tuple[str, ...]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _record_gradients(losses: Sequence[Node], wrt: Sequence[Node], grads: Sequence[Node]) -> None:
+    """`losses`: the nodes that stand for the differentiated output (the caller's, and the one
+    value_and_grad returns)."""
+    names: dict[Node, list[str]] = {}
+    for w, g in zip(wrt, grads):
+        if w.op in (Op.INPUT, Op.PARAM):
+            names.setdefault(g, []).append(w.name)  # type: ignore[arg-type]
+    for g, found in names.items():
+        GRADIENT_OF[g] = (tuple(losses), tuple(found))
+
+
 def vjp(outputs: Sequence[Node], cotangents: Sequence[Node | None], wrt: Node | Sequence[Node],
         policy: Policy = SaveAll(), *, _with_outputs: bool = False, _seeded: bool = False):
     """Gradients of sum_i <outputs[i], cotangents[i]> with respect to each wrt node (zeros where
@@ -565,6 +584,7 @@ def vjp(outputs: Sequence[Node], cotangents: Sequence[Node | None], wrt: Node | 
     `_seeded`: the cotangents were made here (grad's seed), so they are backward nodes too."""
     outputs = [_single_output(o, "vjp") for o in outputs]
     wrt_nodes, single = _wrt_list(wrt, "vjp")
+    given, given_wrt = list(outputs), list(wrt_nodes)  # as the caller knows them (before policy.prepare)
     if len(cotangents) != len(outputs):
         raise ValueError(f"vjp: {len(outputs)} outputs but {len(cotangents)} cotangents")
     for out, ct in zip(outputs, cotangents):
@@ -578,9 +598,12 @@ def vjp(outputs: Sequence[Node], cotangents: Sequence[Node | None], wrt: Node | 
     grads = [_zeros(w) if g is None else g for g, w in zip(grads, wrt_nodes)]
     mark_role(grads, "backward", known, skip=sweep.augmented)
     merged = merge_loops(outputs + grads if _with_outputs else grads)
+    values, grads = (merged[:len(outputs)], merged[len(outputs):]) if _with_outputs else (outputs, merged)
+    if len(values) == 1:
+        _record_gradients([given[0], values[0]], given_wrt, grads)
     if _with_outputs:
-        return merged[:len(outputs)], merged[len(outputs):]
-    return merged[0] if single else merged
+        return values, grads
+    return grads[0] if single else grads
 
 
 def _seed(loss: Node, cotangent: Node | float | None) -> Node:
