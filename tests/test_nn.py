@@ -71,6 +71,27 @@ def test_calling_a_module_twice_shares_its_parameter_nodes() -> None:
     assert lstm.weight_ih_l0 is first[0]  # parameters read as attributes
 
 
+def test_separately_built_modules_never_share_parameters() -> None:
+    first, second = ur.nn.GRU(3, 4), ur.nn.GRU(3, 4, seed=1)
+    x = ur.input("x", (5, 2, 3))
+    (out1, _), (out2, _) = first(x), second(x)
+    graph = ur.graph(out1, out2)
+    assert len(graph.params()) == 8
+    assert set(first.state_dict()).isdisjoint(second.state_dict())
+    assert {p.name for p in graph.params()} == set(ur.nn.state(first, second))
+    xv = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    values = ur.compile(graph)(x=xv, **ur.nn.state(first, second))
+    assert not np.allclose(values[0], values[1])
+
+
+def test_train_and_eval_set_the_flag_on_the_whole_tree() -> None:
+    model = Tagger(6, 3, 2)
+    assert model.training and model.rnn.training
+    assert model.eval() is model and not model.rnn.training and not model.head.training
+    model.train()
+    assert model.embed.training
+
+
 def test_init_is_torch_like_seeded_and_typed() -> None:
     for module, bound in [(ur.nn.LSTM(3, 16), 1 / 4), (ur.nn.Linear(9, 2), 1 / 3),
                           (ur.nn.Conv1d(2, 3, 2), 1 / 2)]:

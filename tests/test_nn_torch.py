@@ -43,6 +43,7 @@ recurrent_cases = st.fixed_dictionaries({
     "T": st.integers(1, 6), "B": st.integers(1, 3), "I": st.integers(1, 5), "H": st.integers(1, 6),
     "layers": st.integers(1, 2), "with_state": st.booleans(), "bias": st.booleans(),
     "dtype": st.sampled_from(["float32", "float32", "float64"]), "seed": st.integers(0, 2**16),
+    "batch_first": st.booleans(), "proj": st.integers(0, 3),
 })
 
 
@@ -54,21 +55,28 @@ def test_recurrent_matches_torch(kind: str, bidirectional: bool, case: dict) -> 
     ours_cls, torch_cls = KINDS[kind]
     T, B, I, H, L, dtype = case["T"], case["B"], case["I"], case["H"], case["layers"], case["dtype"]
     torch.manual_seed(case["seed"])
-    ref = torch_cls(I, H, num_layers=L, bias=case["bias"], bidirectional=bidirectional).to(TORCH_DTYPE[dtype])
-    model = ours_cls(I, H, num_layers=L, bias=case["bias"], bidirectional=bidirectional, dtype=dtype)
+    lstm = kind == "lstm"
+    extra = {"batch_first": case["batch_first"]}
+    if lstm and case["proj"] < H:
+        extra["proj_size"] = case["proj"]  # torch's weight_hr_l{k}; h is proj_size wide
+    ref = torch_cls(I, H, num_layers=L, bias=case["bias"], bidirectional=bidirectional,
+                    **extra).to(TORCH_DTYPE[dtype])
+    model = ours_cls(I, H, num_layers=L, bias=case["bias"], bidirectional=bidirectional, dtype=dtype, **extra)
     assert list(model.state_dict()) == list(ref.state_dict())
     model.load_state_dict(to_numpy(ref.state_dict()))
 
     rng = np.random.default_rng(case["seed"])
     D = 2 if bidirectional else 1
-    feeds = {"x": rng.standard_normal((T, B, I)).astype(dtype)}
-    x = ur.input("x", (T, B, I), dtype)
-    lstm = kind == "lstm"
+    H_out = extra.get("proj_size") or H
+    x_shape = (B, T, I) if case["batch_first"] else (T, B, I)
+    feeds = {"x": rng.standard_normal(x_shape).astype(dtype)}
+    x = ur.input("x", x_shape, dtype)
     if case["with_state"]:
         names = ["h0", "c0"] if lstm else ["h0"]
+        shapes = {"h0": (L * D, B, H_out), "c0": (L * D, B, H)}
         for n in names:
-            feeds[n] = rng.standard_normal((L * D, B, H)).astype(dtype)
-        state = [ur.input(n, (L * D, B, H), dtype) for n in names]
+            feeds[n] = rng.standard_normal(shapes[n]).astype(dtype)
+        state = [ur.input(n, shapes[n], dtype) for n in names]
         out, final = model(x, tuple(state) if lstm else state[0])
         with torch.no_grad():
             t_out, t_final = ref(torch.from_numpy(feeds["x"]),

@@ -47,7 +47,9 @@ class Linear(Module):
 class Embedding(Module):
     """torch.nn.Embedding: integer ids of any shape -> (..., embedding_dim), weight
     (num_embeddings, embedding_dim) drawn from N(0, 1) like torch. Computed as onehot(ids) @ weight
-    (the IR has onehot, and the matmul's gradient is the scatter-add torch performs)."""
+    (the IR has onehot, and the matmul's gradient is the scatter-add torch performs). An id outside
+    [0, num_embeddings) raises IndexError when run, naming the id and this call's line, as torch
+    raises; onehot is the only path from ids to rows, so its check covers every use."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, name: str | None = None,
                  dtype: object = "float32", seed: int = 0) -> None:
@@ -64,3 +66,27 @@ class Embedding(Module):
             raise ShapeError(f"{self._describe()}: expected integer ids (int32 or int64), found {found}"
                              f"\n  at {user_location()}")
         return flat_matmul(b.cast(b.onehot(ids, self.num_embeddings), self.dtype), self.weight)
+
+
+class Dropout(Module):
+    """torch.nn.Dropout(p): in training mode (the default, like torch) x * mask, the mask an
+    explicit graph input (values 0 or 1/(1-p), drawn by `ur.nn.dropout_feeds(graph, seed)`); the
+    identity in eval mode (`.eval()`) or with p = 0."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, name: str | None = None,
+                 dtype: object = "float32") -> None:
+        super().__init__(name, dtype)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.p, self.inplace = float(p), inplace
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inplace={self.inplace}"
+
+    def forward(self, x: Node) -> Node:
+        if not isinstance(x, Node):
+            raise TypeError(f"{self._describe()}: expected a symbolic input, found {type(x).__name__}"
+                            f"\n  at {user_location()}")
+        if not self.training or self.p == 0:
+            return x
+        return x * self.dropout_mask(x.shape, self.p, "mask", x.dtype)

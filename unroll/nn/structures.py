@@ -45,13 +45,13 @@ def many_to_one(outputs: Node, head: Head | None = None, pool: str = "last") -> 
 
 
 def state_from(rnn: RNNBase, h: Node) -> State:
-    """The state layout of `rnn` (h of shape (L, B, H), or (h, c) for an LSTM) from one (B, H)
-    vector: every layer starts at h (an LSTM's cell state at zero). How a vector conditions the
-    first state, e.g. `state_from(rnn, ur.tanh(project(image_features)))`."""
+    """The state layout of `rnn` (h of shape (L, B, H_out), or (h, c) for an LSTM) from one
+    (B, H_out) vector: every layer starts at h (an LSTM's cell state at zero). How a vector
+    conditions the first state, e.g. `state_from(rnn, ur.tanh(project(image_features)))`."""
     layers = rnn.num_layers * rnn.num_directions
     stacked = b.broadcast_to(b.reshape(h, (1,) + h.shape), (layers,) + h.shape)
-    if rnn.has_cell_state:
-        return stacked, dsl.zeros(stacked.shape, stacked.dtype)
+    if rnn.has_cell_state:  # c is hidden_size wide (h is proj_size wide with projections)
+        return stacked, dsl.zeros((layers, h.shape[0], rnn.hidden_size), stacked.dtype)
     return stacked
 
 
