@@ -48,8 +48,8 @@ Integer and bool tensors (the rules every backend must agree on; numpy is the re
   - onehot (and so nn.Embedding) raises IndexError for an id outside [0, depth) (torch raises too);
     an all-zero row would silently train on nothing.
 
-Adding an op: each place below is a table keyed by Op (most assert their coverage, so tests fail
-until all exist; "auto" marks tables that take new elementwise ops from the group sets):
+Adding an op: each place below is a table keyed by Op (tests/test_op_checklist.py derives the op
+list from Op and fails, naming the table, until all exist; docs/ARCHITECTURE.md has the checklist; "auto" marks tables that take new elementwise ops from the group sets):
   unroll/ir/ops.py                 Op, its group set (UNARY, BINARY, ..., MOVEMENT), TYPE_RULES,
                                    ARITY (and FLOAT_ONLY_BINARY for a float-only binary op)
   unroll/ir/semantics.py           ELEMENTWISE_IMPLS or STRUCTURAL_IMPLS: its numpy meaning
@@ -64,7 +64,7 @@ until all exist; "auto" marks tables that take new elementwise ops from the grou
   unroll/ir/optimize.py            node_cost / COPIES (the cost report)
   unroll/backends/lower/scalar.py  SCALAR_EXPRS (every elementwise op), INT_OVERRIDES if ints differ
   unroll/backends/lower/index.py   POINTWISE_READS and sources(), for ops read element by element
-  unroll/backends/cpu/codegen.py   _EMITTERS (auto: emit_elementwise)
+  unroll/backends/cpu/emitters.py  EMITTERS (auto: emit_elementwise)
   unroll/backends/cuda/codegen.py  INLINE_OPS and _STRUCTURED (reductions are also special-cased in
                                    cuda/backend.py and cuda/loop.py)
   tests/test_autodiff.py           CASES: a finite-difference check for every op in VJPS
