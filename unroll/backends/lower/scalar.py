@@ -5,12 +5,12 @@ expression template over scalar operands `{0}`, `{1}`, `{2}` using only `math` f
 both `numba.njit` and `numba.cuda.jit` compile. A target does not edit it; it derives its own table
 with explicit, reviewable overrides (tinygrad's `code_for_op = {**base, ...}`):
 
-    CPU_EXPRS = derive({Op.MAX: ..., Op.MIN: ...})
+    CPU_EXPRS = derive({Op.TANH: ...})     # (the Numba CPU and CUDA tables override nothing today)
 
 Numeric literals in a template (`1.0`, `0.5`) are written untyped; `Spelling.typed` rewrites them
 for the operand dtype, because a bare `1.0` is a float64 and would promote float32 math to float64.
-Named decompositions (a vectorisable float32 tanh, a sigmoid that keeps its tails) live in
-`decompose.py`; a target opts into them by op and dtype.
+Named decompositions (float32 exp, sigmoid and tanh as vectorisable arithmetic instead of a libm
+call per element) live in `decompose.py`; a target opts into them by op and dtype.
 """
 
 from __future__ import annotations
