@@ -460,13 +460,14 @@ def test_dims_helper_keeps_simple_constants_literal():
 
 
 def test_blas_thread_policy_is_read_from_the_environment():
-    """One BLAS thread per core by default, inside time loops as outside; each count can be set."""
-    code = "from unroll.backends.cpu import backend as n; print(n.BLAS_CONTROL[1], n.BLAS_CONTROL[2])"
+    """The user's thread counts win (threads.py has the adaptive default); generated code switches
+    between the outside and the in-loop count around its loops."""
+    code = ("from unroll.backends.cpu import threads; print(*threads.choose(1), *threads.choose(2 ** 40))")
     env = {**os.environ, "UNROLL_NUMBA_BLAS_THREADS": "2", "UNROLL_NUMBA_BLAS_LOOP_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["2", "1"]
+    assert done.stdout.split() == ["2", "1", "2", "1"]
     g, _ = _cell_graph("rnn", 5, 3, 4, 6)
     source = numba_cpu.compile_graph(g).source
     assert "blas_threads(blas[0], blas[2])" in source and "blas_threads(blas[0], blas[1])" in source

@@ -99,9 +99,10 @@ def header() -> dict[str, Any]:
             "single-threaded (no prange); per-step products by a weight up to "
             f"{PACKED_MAX_MACS // 2 ** 20}M multiply-adds: packed-weight micro-kernel, "
             "other large ones: scipy's OpenBLAS")
-        info["UNROLL_NUMBA_BLAS_THREADS (scipy OpenBLAS used by numba code)"] = numba_cpu.BLAS_THREADS
-        info["UNROLL_NUMBA_BLAS_LOOP_THREADS (the same, for BLAS products inside time loops)"] = \
-            numba_cpu.BLAS_LOOP_THREADS
+        from unroll.backends.cpu import threads
+        info["BLAS threads of numba code (scipy OpenBLAS)"] = (
+            "as set: %d outside / %d inside time loops" % threads.user_threads() if threads.user_threads()
+            else f"per call: 1 below {threads.MIN_MACS_FOR_THREADS // 2 ** 20}M multiply-adds, else the free cores")
         info["glibc keeps freed memory (UNROLL_MALLOC_TUNING, process-wide)"] = numba_cpu.MALLOC_TUNED
     except ImportError:
         pass

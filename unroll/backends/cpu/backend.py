@@ -25,15 +25,12 @@ Threads, chosen deliberately (measured on a 2-core machine, idle):
   start-up cost per step (LSTM (1000, 8, 32, 128) 139 -> 84 ms, RNN 49 -> 20 ms, GRU 160 -> 88 ms).
   Other products go to scipy's OpenBLAS (`cpu.blas.xxgemm`, the library Numba's np.dot
   uses), except other per-step products under `LOOP_MAX_MACS`, which run as vectorised loops.
-  That OpenBLAS gets one thread per core (`UNROLL_NUMBA_BLAS_THREADS`, else OPENBLAS_NUM_THREADS
-  where the user set it) for the products outside time loops (input projections, weight
-  gradients), and `UNROLL_NUMBA_BLAS_LOOP_THREADS` (default: the same) for the per-step products
-  above PACKED_MAX_MACS; generated code switches between the two around each top-level loop
-  through `openblas_set_num_threads` (cpu.blas.blas_threads). Measured before the packed
-  kernel: LSTM (100, 64, 256, 512) 923 -> 695 ms with two threads in the loop. On a machine
-  shared with other work, set the loop count to 1: OpenBLAS threads that spin while another
-  process holds the other core turned 70 us steps into 70 ms ones. numpy's own OpenBLAS is left
-  alone.
+  How many threads that OpenBLAS uses is decided per call by `threads.choose`: one where the
+  step's largest product is small, else the cores no other process is using, and exactly what the
+  user set where they set UNROLL_NUMBA_BLAS_THREADS / UNROLL_NUMBA_BLAS_LOOP_THREADS /
+  OPENBLAS_NUM_THREADS / OMP_NUM_THREADS. Generated code switches between the outside and the
+  in-loop count around each top-level loop through `openblas_set_num_threads`
+  (cpu.blas.blas_threads). numpy's own OpenBLAS is left alone.
 - freed memory stays in glibc's heap (`_keep_freed_memory`): otherwise every step page-faults
   its activations in afresh.
 """
@@ -41,6 +38,7 @@ Threads, chosen deliberately (measured on a 2-core machine, idle):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
@@ -54,6 +52,7 @@ import numpy as np
 
 from ...ir.node import Graph, Node
 from .. import cache
+from . import threads
 from . import codegen
 from .codegen import UnsupportedOp
 
@@ -65,30 +64,20 @@ STATS: Counter = Counter()  # codegen, modules_written, modules_loaded, numba_co
 FASTMATH = '{"nsz", "arcp", "contract", "afn", "reassoc"}'
 
 
-def _env_threads(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return max(1, int(value)) if value else default
-
-
-def _blas_control() -> tuple[int, int, int]:
-    """(address of scipy OpenBLAS's openblas_set_num_threads or 0, threads outside time loops,
-    threads inside them). Sets the outside count now; numpy's own OpenBLAS is left alone."""
-    cores = os.cpu_count() or 1
-    outside = _env_threads("UNROLL_NUMBA_BLAS_THREADS", _env_threads("OPENBLAS_NUM_THREADS", cores))
-    inside = _env_threads("UNROLL_NUMBA_BLAS_LOOP_THREADS", outside)
+def _blas_setter() -> int:
+    """The address of scipy OpenBLAS's openblas_set_num_threads (0 where it cannot be found), after
+    starting it on one thread (the policy raises the count per call where threads pay)."""
     try:
-        import ctypes
-
         import scipy.linalg.cython_blas  # noqa: F401 - loads the library to control
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return 0, outside, inside
+        return 0
     for lib in ThreadpoolController().lib_controllers:
         if lib.internal_api == "openblas" and "numpy" not in os.path.basename(os.path.dirname(lib.filepath)):
-            lib.set_num_threads(outside)
+            lib.set_num_threads((threads.user_threads() or (1, 1))[0])
             fn = lib._get_symbol("openblas_set_num_threads")  # threadpoolctl's symbol affix lookup
-            return (ctypes.cast(fn, ctypes.c_void_p).value or 0) if fn is not None else 0, outside, inside
-    return 0, outside, inside
+            return (ctypes.cast(fn, ctypes.c_void_p).value or 0) if fn is not None else 0
+    return 0
 
 
 def _keep_freed_memory() -> bool:
@@ -112,9 +101,9 @@ def _keep_freed_memory() -> bool:
 
 
 MALLOC_TUNED = _keep_freed_memory()
-BLAS_CONTROL = _blas_control()
-BLAS_THREADS = BLAS_CONTROL[1]
-BLAS_LOOP_THREADS = BLAS_CONTROL[2]
+BLAS_SETTER = _blas_setter()
+_SET_THREADS = ctypes.CFUNCTYPE(None, ctypes.c_int)(BLAS_SETTER) if BLAS_SETTER else None
+_current_threads = [(threads.user_threads() or (1, 1))[0]]  # what OpenBLAS is set to now
 
 
 def _llvm_options() -> None:
@@ -191,6 +180,25 @@ def _signature(graph: Graph):
                          types.Array(types.int64, 1, "C")])
 
 
+def largest_product(graph: Graph) -> int:
+    """The multiply-adds of the graph's largest matmul, a loop body's counted once per step (the
+    passes hoist such products out of the loop into one of that size)."""
+    from ...ir.node import nested_body, toposort
+    from ...ir.ops import Op
+    best = 0
+    stack = [(list(graph.outputs), 1)]
+    while stack:
+        roots, steps = stack.pop()
+        for node in toposort(roots):
+            if node.op is Op.MATMUL:
+                a, b = node.src
+                best = max(best, steps * node.type.size * a.shape[-1])
+            body = nested_body(node)
+            if body is not None:
+                stack.append((list(body.outputs), steps * node.arg.length))  # type: ignore[union-attr]
+    return best
+
+
 class NumbaKernel:
     """The compiled graph: `kernel(arrays) -> list of arrays`. `.source`, `.path`, `.from_cache`."""
 
@@ -203,13 +211,23 @@ class NumbaKernel:
         self.from_cache = from_cache
         self.dims = np.array(dims, dtype=np.int64)
         self.fk = np.array(floats, dtype=np.float64)
-        self.blas = np.array(BLAS_CONTROL, dtype=np.int64)
+        self.max_macs = largest_product(graph)
+        self.blas = np.array([BLAS_SETTER, 1, 1], dtype=np.int64)  # setter, threads outside/inside loops
         self._scalar_out = [o.type.ndim == 0 for o in graph.outputs]  # type: ignore[union-attr]
         self._in_dtypes = [np.dtype("bool" if n.dtype == "bool" else n.dtype) for n in graph.inputs]
 
     @property
     def impl(self) -> "NumbaKernel":
         return self
+
+    def _choose_threads(self) -> None:
+        """BLAS threads for this call (threads.choose); the outside count is set here, the
+        generated code switches to the in-loop count and back around its loops."""
+        outside, inside = threads.choose(self.max_macs)
+        self.blas[1], self.blas[2] = outside, inside
+        if _SET_THREADS is not None and _current_threads[0] != outside:
+            _SET_THREADS(outside)
+            _current_threads[0] = outside
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         args = []
@@ -220,6 +238,7 @@ class NumbaKernel:
             if a.dtype != dtype or not a.flags.c_contiguous or not a.flags.writeable or not a.flags.aligned:
                 a = np.array(a, dtype=dtype, order="C")   # exactly the compiled signature's types
             args.append(a)
+        self._choose_threads()
         try:
             outs = self.dispatcher(*args, self.dims, self.fk, self.blas)
         except IndexError as err:
