@@ -181,29 +181,19 @@ def _signature(graph: Graph):
 
 
 def largest_product(graph: Graph) -> int:
-    """The multiply-adds of the graph's largest matmul, a loop body's counted once per step (the
-    passes hoist such products out of the loop into one of that size)."""
-    from ...ir.node import nested_body, toposort
+    """The multiply-adds of the graph's largest matmul (a loop body's at its per-step size): what
+    decides whether BLAS threads pay (threads.choose). Taken from the lowered graph, after hoisting
+    has turned per-step input projections into one product each."""
+    from ...ir.node import all_nodes
     from ...ir.ops import Op
-    best = 0
-    stack = [(list(graph.outputs), 1)]
-    while stack:
-        roots, steps = stack.pop()
-        for node in toposort(roots):
-            if node.op is Op.MATMUL:
-                a, b = node.src
-                best = max(best, steps * node.type.size * a.shape[-1])
-            body = nested_body(node)
-            if body is not None:
-                stack.append((list(body.outputs), steps * node.arg.length))  # type: ignore[union-attr]
-    return best
+    return max((n.type.size * n.src[0].shape[-1] for n, _ in all_nodes(graph) if n.op is Op.MATMUL), default=0)
 
 
 class NumbaKernel:
     """The compiled graph: `kernel(arrays) -> list of arrays`. `.source`, `.path`, `.from_cache`."""
 
     def __init__(self, graph: Graph, dims: Sequence[int], floats: Sequence[float], source: str, path: str,
-                 dispatcher, from_cache: bool) -> None:
+                 dispatcher, from_cache: bool, max_macs: int) -> None:
         self.graph = graph
         self.source = source
         self.path = path
@@ -211,7 +201,7 @@ class NumbaKernel:
         self.from_cache = from_cache
         self.dims = np.array(dims, dtype=np.int64)
         self.fk = np.array(floats, dtype=np.float64)
-        self.max_macs = largest_product(graph)
+        self.max_macs = max_macs  # of the lowered graph (threads.choose)
         self.blas = np.array([BLAS_SETTER, 1, 1], dtype=np.int64)  # setter, threads outside/inside loops
         self._scalar_out = [o.type.ndim == 0 for o in graph.outputs]  # type: ignore[union-attr]
         self._in_dtypes = [np.dtype("bool" if n.dtype == "bool" else n.dtype) for n in graph.inputs]
@@ -299,11 +289,12 @@ def compile_graph(graph: Graph, passes: Sequence = PASSES, cache_dir: str | None
             from_cache = _compile(dispatcher, _signature(lowered), path)
         except Exception as err:  # numba's errors: re-raised with the op and source location
             raise _explain(err, cg, path, first_line) from None
-    kernel = NumbaKernel(graph, cg.dim_values, cg.float_values, fn_source, path, dispatcher, from_cache)
+    max_macs = largest_product(lowered)
+    kernel = NumbaKernel(graph, cg.dim_values, cg.float_values, fn_source, path, dispatcher, from_cache, max_macs)
     if record is not None and [n.type for n in lowered.inputs] == [n.type for n in graph.inputs]:
         with contextlib.suppress(OSError):  # an unwritable cache only loses the shortcut
             cache.write_atomic(record, json.dumps({"module": os.path.basename(path), "dims": cg.dim_values,
-                                                   "floats": cg.float_values}))
+                                                   "floats": cg.float_values, "max_macs": max_macs}))
     return kernel
 
 
@@ -346,6 +337,7 @@ def _load_recorded(record: str, graph: Graph) -> NumbaKernel | None:
         with open(record) as f:
             meta = json.load(f)
         name, dims, floats = meta["module"], [int(d) for d in meta["dims"]], [float(v) for v in meta["floats"]]
+        max_macs = int(meta["max_macs"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -364,7 +356,7 @@ def _load_recorded(record: str, graph: Graph) -> NumbaKernel | None:
             return None
     STATS["recorded"] += 1
     source = text[text.index("def kernel("):]
-    return NumbaKernel(graph, dims, floats, source, path, dispatcher, from_cache)
+    return NumbaKernel(graph, dims, floats, source, path, dispatcher, from_cache, max_macs)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

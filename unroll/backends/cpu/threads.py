@@ -4,13 +4,13 @@ Generated code is single-threaded; only scipy's OpenBLAS, which it calls for the
 (input projections, weight gradients, per-step products above the packed kernel's size), can run
 threads. Two rules decide how many, per call of a compiled step:
 
-1. Size. A step whose largest product (a loop's per-step product counted T times: the passes hoist
-   it into one product of that size) is under `MIN_MACS_FOR_THREADS` multiply-adds runs on one
-   thread: there a second thread saves less than it costs, and an OpenBLAS worker spinning between
+1. Size. A step whose largest BLAS product (outside loops at its full size, inside a loop at its
+   per-step size) is under `MIN_MACS_FOR_THREADS` multiply-adds runs on one thread: there a second thread saves less than it costs, and an OpenBLAS worker spinning between
    calls takes the core another process (or this one's elementwise code) needs.
 2. Load. Otherwise it takes the cores no other process is using, measured from /proc/stat's busy
    time minus this process's own CPU time over the last half second, so this process's own BLAS
-   threads never count as load. Measured on 2 cores with 2 busy processes beside it, an LSTM step
+   threads never count as load (after a pause longer than STALE_SECONDS, the kernel's count of
+   runnable threads stands in until the next window). Measured on 2 cores with 2 busy processes beside it, an LSTM step
    that used two BLAS threads went from 1.3 ms to 18-48 ms; on one thread it took 2.0 ms.
 
 The user's setting always wins and turns both rules off: `UNROLL_NUMBA_BLAS_THREADS` (and
@@ -25,6 +25,7 @@ import time
 
 MIN_MACS_FOR_THREADS = 256 * 1024 * 1024
 SAMPLE_SECONDS = 0.5
+STALE_SECONDS = 2.0
 _USER_VARIABLES = ("UNROLL_NUMBA_BLAS_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
@@ -73,10 +74,23 @@ class FreeCores:
         if current is None:
             return self.free
         wall = current[0] - last[0]
+        if wall > STALE_SECONDS:  # the window spans a pause: what runs now says more
+            self._last = current
+            self.free = max(0.0, self.cores - _running_elsewhere())
+            return self.free
         others = max(0.0, (current[1] - last[1]) - (current[2] - last[2])) / wall
         self.free = max(0.0, self.cores - others)
         self._last = current
         return self.free
+
+
+def _running_elsewhere() -> float:
+    """Runnable threads on the machine now, less this one (/proc/loadavg's fourth field)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(0.0, float(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 _FREE = FreeCores()
