@@ -357,3 +357,20 @@ def test_compiled_backends_read_array_constants_as_lifted_inputs() -> None:
     assert ur.compile(outs, backend="numba").input_names == ["x", "xs"]
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-6)
+
+
+def test_matmul_takes_vectors_like_numpy() -> None:
+    """matrix @ vector, vector @ matrix, vector @ vector and batched forms, values and gradients."""
+    rng = np.random.default_rng(0)
+    A, v, w, B = rng.normal(size=(2, 3)), rng.normal(size=3), rng.normal(size=2), rng.normal(size=(4, 2, 3))
+    a, x, y, b = (ur.input(n, s.shape, "float64") for n, s in (("a", A), ("x", v), ("y", w), ("B", B)))
+    outs = [a @ x, y @ a, x @ x, b @ x, y @ b]
+    got = ur.compile(outs)(a=A, x=v, y=w, B=B)
+    for g, e in zip(got, [A @ v, w @ A, v @ v, B @ v, w @ B]):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, rtol=1e-12)
+    da, dx = ur.compile(ur.grad(ur.sum(a @ x), [a, x]))(a=A, x=v)
+    np.testing.assert_allclose(da, np.broadcast_to(v, (2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(dx, A.sum(0), rtol=1e-12)
+    with pytest.raises(ShapeError, match="rank >= 1"):
+        ur.matmul(ur.input("s0", (), "float64"), x)

@@ -188,7 +188,23 @@ def cast(x: Node, dtype: object) -> Node:
 
 
 def matmul(a: Value, b: Value) -> Node:
-    return Node.make(Op.MATMUL, _pair(Op.MATMUL, a, b))
+    """numpy's matmul, vectors included: a 1-D `b` is a column (its axis is dropped from the
+    result), a 1-D `a` a row; the IR's MATMUL itself takes matrices (a reshape around it)."""
+    x, y = _pair(Op.MATMUL, a, b)
+    if x.ndim == 0 or y.ndim == 0:
+        raise ShapeError(f"matmul: expected operands of rank >= 1 (use * for scalars), found a {x.type} "
+                         f"and b {y.type}\n  at {user_location()}")
+    if x.ndim >= 2 and y.ndim >= 2:
+        return Node.make(Op.MATMUL, (x, y))
+    rows = x if x.ndim >= 2 else reshape(x, (1,) + x.shape)
+    cols = y if y.ndim >= 2 else reshape(y, y.shape + (1,))
+    out = Node.make(Op.MATMUL, (rows, cols))
+    shape = out.shape
+    if y.ndim == 1:
+        shape = shape[:-1]
+    if x.ndim == 1:
+        shape = shape[:-2] + shape[-1:] if y.ndim >= 2 else shape[:-1]
+    return reshape(out, shape)
 
 
 def _axes(x: Node, axis: int | Sequence[int] | None) -> tuple[int, ...]:
