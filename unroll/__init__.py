@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .compile import Compiled, FeedError, compile
-from .dsl import (full, graph, init_values, input, log_softmax, logsumexp, ones, param, scan,
+from .dsl import (full, graph, init_values, input, log_softmax, logsumexp, map, ones, param, scan,
                   softmax, softplus, stack, zeros)
 from .ir.build import (abs, add, argmax, broadcast_to, cast, concat, const, div, equal, exp, greater,
                        greater_equal, less, less_equal, log, log1p, matmul, max, maximum, mean,
@@ -35,7 +35,7 @@ __all__ = [
     "Compiled", "FeedError", "Graph", "Node", "ShapeError", "VerifyError", "abs", "add", "argmax",
     "broadcast_to", "cast", "compile", "concat", "const", "div", "equal", "exp", "explain", "full", "graph",
     "greater", "greater_equal", "init_values", "input", "less", "less_equal", "log", "log1p",
-    "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "minimum", "mul", "neg", "nn",
+    "log_softmax", "logsumexp", "map", "matmul", "max", "maximum", "mean", "minimum", "mul", "neg", "nn",
     "not_equal", "onehot", "ones", "optimize", "pad", "param", "pow", "recip", "relu", "reshape", "scan",
     "sigmoid", "sign", "slice_axis", "softmax", "softplus", "split", "sqrt", "stack",
     "stop_gradient", "sub", "sum", "tanh", "transpose", "unroll", "verify", "where", "zeros",

@@ -14,6 +14,7 @@ import numpy as np
 from .ir import build as b
 from .ir.node import Graph, LoopInfo, Node, fresh_scope, proj, substitute, toposort, user_location
 from .ir.ops import Op, ShapeError, TensorType, normalize_dtype
+from .ir.unroll import unroll_loop
 
 Tree = Any  # a Node, or a tuple/list of Trees, or None
 
@@ -124,21 +125,40 @@ def stack(xs: Sequence[Node], axis: int = 0) -> Node:
 
 # ---- scan ---------------------------------------------------------------------------------------
 
-def _flatten(tree: Tree) -> tuple[list[Node], Any]:
-    """Leaves of a tree of tuples/lists, and a structure description to rebuild it."""
-    if tree is None:
-        return [], None
-    if isinstance(tree, Node):
-        return [tree], "*"
-    if isinstance(tree, (tuple, list)):
-        leaves, shapes = [], []
-        for item in tree:
-            ls, s = _flatten(item)
-            leaves += ls
-            shapes.append(s)
-        return leaves, (type(tree), shapes)
-    raise TypeError(f"scan: expected unroll values or tuples of them, found {type(tree).__name__} "
-                    f"at {user_location()}")
+def _leaf(value: Any, what: str) -> Node:
+    """A pytree leaf as a node: unroll values as they are; Python and numpy scalars and arrays as
+    constants (a Python float is float32, a Python int int32, numpy values keep their dtype)."""
+    if isinstance(value, Node):
+        return value
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+        return b.const(bool(value), (), "bool")
+    if isinstance(value, (int, np.integer)) and not isinstance(value, np.ndarray):
+        return b.const(int(value), (), "int32" if isinstance(value, int) else np.dtype(type(value)).name)
+    if isinstance(value, float):
+        return b.const(value, (), "float32")
+    if isinstance(value, (np.ndarray, np.generic)):
+        arr = np.asarray(value)
+        return b.const(arr, arr.shape, arr.dtype.name)
+    raise TypeError(f"scan: expected unroll values, numbers or arrays in {what} (tuples, lists, dicts and "
+                    f"namedtuples of them), found {type(value).__name__}\n  at {user_location()}")
+
+
+def _flatten(tree: Tree, what: str = "a value") -> tuple[list[Node], Any]:
+    """Leaves of a pytree (JAX's containers: tuples, lists, namedtuples, dicts by sorted key; None is
+    an empty subtree), and a structure description to rebuild it. Iterative (trees can be deep)."""
+    leaves: list[Node] = []
+
+    def walk(t: Tree) -> Any:
+        if t is None:
+            return None
+        if isinstance(t, dict):
+            keys = sorted(t)
+            return (dict, keys, [walk(t[k]) for k in keys])
+        if isinstance(t, (tuple, list)):
+            return (type(t), None, [walk(item) for item in t])
+        leaves.append(_leaf(t, what))
+        return "*"
+    return leaves, walk(tree)
 
 
 def _unflatten(structure: Any, leaves: list[Node]) -> Tree:
@@ -149,14 +169,28 @@ def _unflatten(structure: Any, leaves: list[Node]) -> Tree:
             return None
         if s == "*":
             return next(it)
-        kind, items = s
-        return kind(build(i) for i in items)
+        kind, keys, items = s
+        values = [build(i) for i in items]
+        if kind is dict:
+            return dict(zip(keys, values))
+        if hasattr(kind, "_fields"):  # a namedtuple takes its fields as arguments
+            return kind(*values)
+        return kind(values)
     return build(structure)
 
 
+def map(fn: Callable[[Tree], Tree], xs: Tree) -> Tree:  # noqa: A001 - lax.map's name
+    """`fn` applied to every slice xs[t] along axis 0, results stacked: lax.map (a scan with no carry)."""
+    return scan(lambda carry, x: (carry, fn(x)), (), xs)[1]
+
+
 def scan(step_fn: Callable[[Tree, Tree], tuple[Tree, Tree]], init: Tree, xs: Tree = None,
-         length: int | None = None, reverse: bool = False) -> tuple[Tree, Tree]:
+         length: int | None = None, reverse: bool = False, unroll: int | bool = 1) -> tuple[Tree, Tree]:
     """Trace `step_fn` into a rolled LOOP. Returns `(final_carry, ys)`, ys stacked on a new axis 0.
+
+    lax.scan's convention: carries, xs and ys are pytrees (tuples, lists, dicts, namedtuples,
+    nested) of unroll values, Python or numpy scalars and arrays; `length=` without xs; `unroll=k`
+    runs k steps per iteration of the rolled loop (`True`: all of them), as `ur.unroll` would.
 
     Reference meaning (see LoopInfo for the op's own)::
 
@@ -166,8 +200,8 @@ def scan(step_fn: Callable[[Tree, Tree], tuple[Tree, Tree]], init: Tree, xs: Tre
         return carry, stack(ys)
     """
     where = user_location()
-    carry_leaves, carry_struct = _flatten(init)
-    x_leaves, x_struct = _flatten(xs)
+    carry_leaves, carry_struct = _flatten(init, "init")
+    x_leaves, x_struct = _flatten(xs, "xs")
     lengths = {x.shape[0] for x in x_leaves if x.ndim >= 1}
     if any(x.ndim == 0 for x in x_leaves):
         raise ShapeError(f"scan: sequences need a leading time axis, found a scalar\n  at {where}")
@@ -187,15 +221,17 @@ def scan(step_fn: Callable[[Tree, Tree], tuple[Tree, Tree]], init: Tree, xs: Tre
     if not isinstance(result, tuple) or len(result) != 2:
         raise TypeError(f"scan: step_fn must return (carry, y), found {type(result).__name__}\n  at {where}")
     new_carry, ys = result
-    new_carry_leaves, new_struct = _flatten(new_carry)
+    new_carry_leaves, new_struct = _flatten(new_carry, "the carry step_fn returns")
     if new_struct != carry_struct:
         raise ShapeError(f"scan: step_fn must return a carry with the structure of init "
                          f"({len(carry_leaves)} values), found {len(new_carry_leaves)}\n  at {where}")
     for i, (old, new) in enumerate(zip(carry_leaves, new_carry_leaves)):
+        if new.op is Op.CONST and new.shape == () and old.type != new.type:  # a number: the carry's type
+            new = new_carry_leaves[i] = b.const(new.arg, old.shape, old.dtype)
         if old.type != new.type:
             raise ShapeError(f"scan: carry {i} enters the step as {old.type} but step_fn returns "
                              f"{new.type_str()}; a carry must keep its shape and dtype\n  at {where}")
-    y_leaves, y_struct = _flatten(ys)
+    y_leaves, y_struct = _flatten(ys, "ys")
 
     body_outputs = new_carry_leaves + y_leaves
     consts = _captured(body_outputs, set(carry_ph + x_ph))
@@ -206,6 +242,11 @@ def scan(step_fn: Callable[[Tree, Tree], tuple[Tree, Tree]], init: Tree, xs: Tre
     info = LoopInfo(body, steps, len(consts), len(carry_leaves), bool(reverse))
     loop = Node.make(Op.LOOP, consts + carry_leaves + x_leaves, info, loc=where)
     outs = [proj(loop, i) for i in range(len(body_outputs))]
+    factor = steps if unroll is True else int(unroll)
+    if factor < 1:
+        raise ValueError(f"scan: unroll must be a positive int or True, found {unroll!r}\n  at {where}")
+    if factor > 1 and outs:
+        outs = unroll_loop(loop, factor)
     n_carry = len(carry_leaves)
     return _unflatten(carry_struct, outs[:n_carry]), _unflatten(y_struct, outs[n_carry:])
 

@@ -26,6 +26,15 @@ def unroll(graph: Graph | Node | Sequence[Node], factor: int | None = None):
     return unroll_nodes(list(graph), factor)
 
 
+def unroll_loop(loop: Node, factor: int) -> list[Node]:
+    """The outputs of one LOOP node with `factor` steps per iteration (all of them when factor >=
+    its length); loops nested in its body stay as they are (lax.scan's `unroll=`)."""
+    info: LoopInfo = loop.arg  # type: ignore[assignment]
+    if factor >= info.length:
+        return _expand(info, list(loop.src), loop.loc)
+    return _by_factor(info, list(loop.src), factor, loop.loc)
+
+
 def unroll_nodes(roots: list[Node], factor: int | None) -> list[Node]:
     if factor is not None and factor < 1:
         raise ValueError(f"unroll: factor must be >= 1, found {factor}")
