@@ -374,3 +374,25 @@ def test_matmul_takes_vectors_like_numpy() -> None:
     np.testing.assert_allclose(dx, A.sum(0), rtol=1e-12)
     with pytest.raises(ShapeError, match="rank >= 1"):
         ur.matmul(ur.input("s0", (), "float64"), x)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "uint8"])
+def test_small_integer_dtypes_wrap_like_numpy(dtype) -> None:
+    """int8/int16/uint8 tensors: arithmetic wraps in the dtype, compares, casts and onehot ids, on
+    the reference and on Numba alike."""
+    info = np.iinfo(dtype)
+    a = ur.input("a_small", (4,), dtype)
+    b_ = ur.input("b_small", (4,), dtype)
+    outs = [a + b_, a * b_, ur.maximum(a, b_), a < b_, ur.cast(a, "float32"), ur.sum(a),
+            ur.onehot(b_ - b_, 3)]
+    feeds = {"a_small": np.array([info.max, info.min, 3, 7], dtype), "b_small": np.array([1, 5, 2, 9], dtype)}
+    want = ur.compile(outs, backend="numpy")(**feeds)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(want[0], feeds["a_small"] + feeds["b_small"])
+    assert want[0].dtype == np.dtype(dtype) and str(a.type).startswith({"int8": "i8", "int16": "i16", "uint8": "u8"}[dtype])
+    assert ur.parse(str(ur.graph(*outs))) == ur.graph(*outs)
+    pytest.importorskip("numba")
+    got = ur.compile(outs, backend="numba")(**feeds)
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(g, e)
+        assert g.dtype == e.dtype

@@ -147,9 +147,10 @@ LEAVES = frozenset({Op.INPUT, Op.PARAM, Op.ARG, Op.CONST})
 MULTI_OUTPUT = frozenset({Op.LOOP, Op.FUSED})
 
 FLOAT_DTYPES = ("float32", "float64")
-INT_DTYPES = ("int32", "int64")
+INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
 DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
-DTYPE_SHORT = {"float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64", "bool": "bool"}
+DTYPE_SHORT = {"float32": "f32", "float64": "f64", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
+               "uint8": "u8", "bool": "bool"}
 SHORT_DTYPE = {v: k for k, v in DTYPE_SHORT.items()}
 
 

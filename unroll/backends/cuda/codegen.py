@@ -35,11 +35,9 @@ from ..lower.scalar import Spelling, derive
 Index = tuple[str, ...]
 Access = Callable[[Index], str]  # a materialized node's load expression at an index
 
-NUMBA_TYPES = {"float32": "float32", "float64": "float64", "int32": "int32", "int64": "int64",
-               "bool": "boolean"}
-NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64,
-             "bool": np.bool_}
-MODULE_HEADER = "import math\nfrom numba import cuda, float32, float64, int32, int64, boolean\n"
+NUMBA_TYPES = {**{d: d for d in FLOAT_DTYPES + INT_DTYPES}, "bool": "boolean"}
+NP_DTYPES = {d: np.dtype(d).type for d in FLOAT_DTYPES + INT_DTYPES + ("bool",)}
+MODULE_HEADER = f"import math\nfrom numba import cuda, {', '.join(NUMBA_TYPES.values())}\n"
 
 # an onehot's error buffer: [flag, an out-of-range id]
 CHECK_DTYPE = "int64"
