@@ -85,15 +85,9 @@ def run(check: Callable, examples: int) -> None:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def cache_dir(tmp_path_factory):
-    """The Numba backend's generated modules in a fresh directory (CI's cold cache)."""
-    old = os.environ.get("UNROLL_CACHE_DIR")
-    os.environ["UNROLL_CACHE_DIR"] = str(tmp_path_factory.mktemp("unroll_cache"))
+def cache_dir(fresh_cache_dir):
+    """Generated modules (and Numba's cache beside them) in a fresh directory (CI's cold cache)."""
     yield
-    if old is None:
-        os.environ.pop("UNROLL_CACHE_DIR", None)
-    else:
-        os.environ["UNROLL_CACHE_DIR"] = old
 
 
 # ---- comparisons ---------------------------------------------------------------------------------
