@@ -344,3 +344,51 @@ def test_ops_without_an_index_map_say_so() -> None:
     loop_like = Node.make(Op.SUM, (x,), ((0,), False))
     with pytest.raises(NotImplementedError, match="sum"):
         ix.sources(ix.SOURCE, loop_like, ["i"])
+
+
+# ---- the inverse maps the Numba emitter writes through, and named integers ----------------------
+
+@SETTINGS
+@given(SHAPES, st.data())
+def test_reduce_dest_scatters_like_sum(shape, data) -> None:
+    """Adding every source element into the output element reduce_dest names is numpy's sum."""
+    axes = tuple(a for a in range(len(shape)) if data.draw(st.booleans()))
+    keepdims = data.draw(st.booleans())
+    src = np.arange(math.prod(shape), dtype=np.float64).reshape(shape) + 1
+    expected = np.sum(src, axis=axes, keepdims=keepdims)
+    flat = np.arange(src.size)
+    alg = ix.NumpyAlgebra(src.size)
+    dest = ix.reduce_dest(alg, ix.unravel(alg, flat, shape), axes, keepdims)
+    out = np.zeros(expected.size)
+    np.add.at(out, ix.flat_offset(alg, dest, expected.shape) if expected.ndim else np.zeros(src.size, int),
+              src.reshape(-1))
+    np.testing.assert_array_equal(out.reshape(expected.shape), expected)
+
+
+@SETTINGS
+@given(st.lists(DIMS, min_size=1, max_size=3), st.data())
+def test_concat_dest_writes_like_concatenate(shape, data) -> None:
+    axis = data.draw(st.integers(0, len(shape) - 1))
+    sizes = data.draw(st.lists(DIMS, min_size=1, max_size=4))
+    parts = [np.arange(math.prod(shape[:axis] + [d] + shape[axis + 1:])).reshape(shape[:axis] + [d] + shape[axis + 1:])
+             + 100 * k for k, d in enumerate(sizes)]
+    expected = np.concatenate(parts, axis)
+    out = np.full(expected.shape, -1)
+    for start, part in zip(ix.concat_bounds(sizes), parts):
+        alg = ix.NumpyAlgebra(part.size)
+        dest = ix.concat_dest(alg, ix.unravel(alg, np.arange(part.size), part.shape), axis, start)
+        out.reshape(-1)[ix.flat_offset(alg, dest, expected.shape)] = part.reshape(-1)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_named_integers_are_spelled_not_folded() -> None:
+    """The Numba emitter passes sizes and offsets as names of run-time integers: the maps must keep
+    them symbolic and give the same indices once the names are bound."""
+    alg = ix.SOURCE
+    env = {"i0": 3, "i1": 2, "n0": 4, "n1": 2, "n2": 5}
+    sliced = ix.slice_(alg, ["i0", "i1"], [("n0", 0, "n1"), (0, 0, 1)])
+    assert sliced[1] == "i1" and "n0" in sliced[0] and "n1" in sliced[0]
+    assert [eval(e, {}, env) for e in sliced] == [4 + 2 * 3, 2]
+    src, valid = ix.pad(alg, ["i0", "i1"], [("n1", 0), (0, 0)], ["n2", 7])
+    assert eval(src[0], {}, env) == 1 and src[1] == "i1" and eval(valid, {}, env) is True
+    assert eval(ix.pad(alg, ["i1"], [("n0", 1)], ["n2"])[1], {}, env) is False   # 2 - 4 < 0

@@ -11,6 +11,8 @@ import numpy as np
 
 from ...ir.node import Graph, Node
 from ...ir.ops import ELEMENTWISE, FLOAT_DTYPES, Op
+from ..lower import index as maps
+from ..lower.index import SOURCE
 from .blas import LOOP_MAX_MACS
 from .gemm import PACKED_MAX_MACS
 from .loops import emit_loop
@@ -68,11 +70,12 @@ def emit_cluster(cg: Codegen, scope: Scope, loop_shape: tuple[int, ...],
     oidx, oindent = cg.nest(scope, out.shape, node)
     scope.block.add(oindent, f"{out.elem(oidx)} = {init}", node)
     idx, indent = cg.nest(scope, loop_shape[:split], node)
-    out_index = [idx[k] if k in kept else "0" for k in range(split)] + ["0"] * (len(loop_shape) - split)
-    out_index = [i for k, i in enumerate(out_index) if keepdims or k in kept]
     acc = cg.fresh("acc")
     scope.block.add(indent, f"{acc} = {init}", node)
     inner = [f"i{k}" for k in range(split, len(loop_shape))]
+    # the accumulator is stored outside the inner loops: the axes after split are all reduced,
+    # so reduce_dest drops (or pins) their indices
+    out_index = maps.reduce_dest(SOURCE, idx + inner, axes, keepdims)
     for k, name in enumerate(inner):
         scope.block.add(indent + k, f"for {name} in range({cg.dims.n(loop_shape[split + k])}):", node)
     full_idx = idx + inner
@@ -300,15 +303,13 @@ def _matmul_result(cg: Codegen, scope: Scope, node: Node, out: Val, final: Val |
 
 def emit_batched_matmul(cg: Codegen, scope: Scope, node: Node, a: Val, b: Val, out: Val, accumulate: bool) -> None:
     """Batched products (rare in RNNs) as plain loops over broadcast batch indices."""
-    batch = node.shape[:-2]
     kk = node.src[0].shape[-1]
     idx, indent = cg.nest(scope, node.shape, node)
     acc = cg.fresh("acc")
     scope.block.add(indent, f"{acc} = {SPELLING.literal(0.0, node.dtype)}", node)
     scope.block.add(indent, f"for j in range({cg.dims.n(kk)}):", node)
-    a_idx = bcast(idx[:-2], a.shape[:-2], batch) + [idx[-2], "j"]
-    b_idx = bcast(idx[:-2], b.shape[:-2], batch) + ["j", idx[-1]]
-    scope.block.add(indent + 1, f"{acc} += {a.elem(a_idx)} * {b.elem(b_idx)}", node)
+    a_read, b_read = maps.matmul_sources(SOURCE, node, idx, "j")
+    scope.block.add(indent + 1, f"{acc} += {a.elem(a_read.idx)} * {b.elem(b_read.idx)}", node)
     scope.block.add(indent, f"{out.elem(idx)} {'+' if accumulate else ''}= {acc}", node)
 
 
@@ -339,9 +340,8 @@ def emit_transpose(cg: Codegen, scope: Scope, node: Node) -> None:
     if val.const is not None:
         scope.env[node] = Val(node.shape, node.dtype, const=val.const)
         return
-    inv = [perm.index(k) for k in range(len(perm))]
     if val.fn is not None:
-        scope.env[node] = remap(val, node.shape, lambda index: [index[inv[k]] for k in range(len(inv))])
+        scope.env[node] = remap(val, node.shape, lambda index: maps.transpose(SOURCE, index, perm))
         return
     src_idx = val.idx
     if len(perm) == 2 and val.tbase is not None:   # transpose of a transpose
@@ -351,7 +351,7 @@ def emit_transpose(cg: Codegen, scope: Scope, node: Node) -> None:
         return
     arr = f"{val.arr}.T" if val.arr is not None and len(perm) == 2 else None
     scope.env[node] = Val(node.shape, node.dtype, base=val.base,
-                          idx=lambda index: src_idx([index[inv[k]] for k in range(len(inv))]),  # type: ignore[misc]
+                          idx=lambda index: src_idx(maps.transpose(SOURCE, index, perm)),  # type: ignore[misc]
                           arr=arr, root=val.root, tbase=val.arr if val.plain and len(perm) == 2 else None)
 
 
@@ -361,17 +361,11 @@ def emit_slice(cg: Codegen, scope: Scope, node: Node) -> None:
         scope.env[node] = Val(node.shape, node.dtype, const=val.const)
         return
     triples: tuple[tuple[int, int, int], ...] = node.arg  # type: ignore[assignment]
-    n = cg.dims.offset
-    parts = []
-    for (start, _, step), name in zip(triples, range(len(triples))):
-        parts.append((n(start) if start else None, n(step) if step != 1 else None))
+    named = [(cg.dims.offset(start) if start else 0, stop, cg.dims.offset(step) if step != 1 else 1)
+             for start, stop, step in triples]   # named once: the map runs per element read
 
     def index_map(index: Sequence[str], src_idx: Index = val.idx) -> list[str]:  # type: ignore[assignment]
-        out = []
-        for (start, step), i in zip(parts, index):
-            term = f"{step} * {i}" if step else i
-            out.append(f"{start} + {term}" if start else term)
-        return src_idx(out)
+        return src_idx(maps.slice_(SOURCE, index, named))
 
     if val.fn is not None:
         scope.env[node] = remap(val, node.shape, lambda index: index_map(index, lambda i: list(i)))
@@ -412,16 +406,15 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
     if node in scope.virtual:
         vals = [scope.env[s] for s in node.src]
         starts = [cg.dims.part_offset(extents, k) for k in range(len(vals))]   # None: at 0
+        bounds = [s or 0 for s in starts] + [cg.dims.n(sum(extents))]
 
         def fn(index: Sequence[str]) -> str:
-            i = index[axis]
-            expr = ""
-            for k in range(len(vals) - 1, -1, -1):
-                moved = list(index)
-                if starts[k] is not None:
-                    moved[axis] = f"{i} - {starts[k]}"
-                e = vals[k].elem(moved)
-                expr = e if not expr else f"({e} if {i} < {starts[k + 1] or 0} else {expr})"
+            # the parts tested in order, so part k needs only its upper bound (the lower one
+            # failed the test before it): a select chain LLVM keeps branch-free
+            parts = maps.concat(SOURCE, index, axis, bounds)
+            expr = vals[-1].elem(parts[-1][0])
+            for k in range(len(vals) - 2, -1, -1):
+                expr = f"({vals[k].elem(parts[k][0])} if {index[axis]} < {bounds[k + 1]} else {expr})"
             return expr
         scope.env[node] = Val(node.shape, node.dtype, fn=fn, parts=(axis, list(zip(starts, vals))))
         return
@@ -431,10 +424,7 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
         if val is scope.targets.get(s) and val.base == out.base:
             continue  # already written in place
         idx, indent = cg.nest(scope, s.shape, node)
-        dst = list(idx)
-        start = cg.dims.part_offset(extents, k)
-        if start is not None:
-            dst[axis] = f"{start} + {idx[axis]}"
+        dst = maps.concat_dest(SOURCE, idx, axis, cg.dims.part_offset(extents, k) or 0)
         scope.block.add(indent, f"{out.elem(dst)} = {val.elem(idx)}", node)
     scope.env[node] = out
 
@@ -445,19 +435,18 @@ def emit_pad(cg: Codegen, scope: Scope, node: Node) -> None:
     pads: tuple[tuple[int, int], ...] = node.arg  # type: ignore[assignment]
     src = scope.env[node.src[0]]
     zero = cg.dims.f(0, node.dtype)
-    bounds = [(cg.dims.offset(lo), cg.dims.offset(lo + d)) for (lo, _), d in zip(pads, node.src[0].shape)]
-    padded = [k for k, (lo, hi) in enumerate(pads) if lo or hi]
+    named = [(cg.dims.offset(lo) if lo else 0, hi) for lo, hi in pads]   # once, not per read
+    extents = [cg.dims.n(d) for d in node.src[0].shape]
+    padded = maps.padded_axes(pads)
 
     # reads are clamped into the source and always done, the condition only selects: a
     # conditional load kept loops scalar (a TCN's backward sums three such reads per element).
     # An empty source has nothing to clamp into: all reads are zeros, behind the condition.
     clamp = all(node.src[0].shape[k] > 0 for k in padded)
-    extents = [cg.dims.n(d) for d in node.src[0].shape]
 
     def fn(index: Sequence[str]) -> str:
-        shifted = [f"{i} - {lo}" if lo != "0" else i for i, (lo, _) in zip(index, bounds)]
-        cond = " and ".join(f"{bounds[k][0]} <= {index[k]} < {bounds[k][1]}" for k in padded)
-        if not cond:
+        shifted, cond = maps.pad(SOURCE, index, named, extents)
+        if not padded:
             return src.elem(shifted)
         if clamp:
             shifted = [f"min(max({i}, 0), {extents[k]} - 1)" if k in padded else i for k, i in enumerate(shifted)]
@@ -473,11 +462,10 @@ def emit_argmax(cg: Codegen, scope: Scope, node: Node) -> None:
     val = scope.env[src]
     out = cg.out_for(scope, node, "am")
     idx, indent = cg.nest(scope, node.shape, node)
-    full = list(idx[:axis]) + ["0"] + list(idx[axis:])
     best, arg = cg.fresh("best"), cg.fresh("arg")
-    scope.block.add(indent, f"{best} = {val.elem(full)}", node)
+    scope.block.add(indent, f"{best} = {val.elem(maps.reduce_sources(SOURCE, node, idx, ['0']))}", node)
     scope.block.add(indent, f"{arg} = 0", node)
-    full[axis] = "j"
+    full = maps.reduce_sources(SOURCE, node, idx, ["j"])
     scope.block.add(indent, f"for j in range(1, {cg.dims.n(src.shape[axis])}):", node)
     scope.block.add(indent + 1, f"if {val.elem(full)} > {best}:", node)
     scope.block.add(indent + 2, f"{best} = {val.elem(full)}", node)
@@ -501,7 +489,8 @@ def emit_onehot(cg: Codegen, scope: Scope, node: Node) -> None:
     depth = cg.dims.n(node.shape[-1])
     ids, col = cg.fresh("id"), f"i{len(idx)}"
     add = scope.block.add
-    add(indent, f"{ids} = {val.elem(idx)}", node)
+    (ids_read,) = maps.sources(SOURCE, node, idx + [col])
+    add(indent, f"{ids} = {val.elem(ids_read.idx)}", node)
     add(indent, f"if {ids} < 0 or {ids} >= {depth}:", node)
     add(indent + 1, f'raise IndexError("{ONEHOT_ERROR}", {ids}, {depth})', node)
     add(indent, f"for {col} in range({depth}):", node)

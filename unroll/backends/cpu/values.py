@@ -1,5 +1,10 @@
 """Value views: how generated code reads a tensor (`Val`), its run-time sizes and constants (`Dims`),
-and the index maps that make transposes, slices, broadcasts and per-step slices free."""
+and views that compose the shared index maps (`lower/index.py`, as `maps`) so that transposes,
+slices, broadcasts and per-step slices cost no code.
+
+The maps run on the source-text algebra with sizes and offsets given as `Dims` names, which an
+emitter takes once per node (`cg.dims.offset` names a new run-time integer per call, so it must not
+be called per element read)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ...ir.ops import FLOAT_DTYPES
+from ..lower import index as maps
+from ..lower.index import SOURCE
 from .scalars import SPELLING
 
 Index = Callable[[Sequence[str]], list[str]]
@@ -118,12 +125,11 @@ def _simple(value: float) -> bool:
     return abs(value) <= 64 and (value * 4).is_integer()
 
 
-# ---- index maps ----------------------------------------------------------------------------------
+# ---- views: the shared index maps composed ------------------------------------------------------
 
 def bcast(index: Sequence[str], shape: tuple[int, ...], loop_shape: tuple[int, ...]) -> list[str]:
     """Index into an operand of `shape` broadcast (numpy rules) to `loop_shape`."""
-    offset = len(loop_shape) - len(shape)
-    return [("0" if d == 1 and loop_shape[k + offset] != 1 else index[k + offset]) for k, d in enumerate(shape)]
+    return maps.broadcast(SOURCE, index, shape, loop_shape)
 
 
 def remap(val: Val, shape: tuple[int, ...], index_map: Callable[[Sequence[str]], list[str]], arr: str | None = None,
@@ -155,13 +161,9 @@ def broadcast_val(val: Val, shape: tuple[int, ...]) -> Val:
 def offset_view(out: Val, shape: tuple[int, ...], axis: int, offset: str | None) -> Val:
     """The part of `out` starting at `offset` along `axis`, with the given shape."""
     out_idx = out.idx
-
-    def index(i: Sequence[str]) -> list[str]:
-        moved = list(i)
-        if offset is not None:
-            moved[axis] = f"{offset} + {moved[axis]}"
-        return out_idx(moved)  # type: ignore[misc]
-    return Val(shape, out.dtype, base=out.base, idx=index, root=out.root)
+    start = 0 if offset is None else offset
+    return Val(shape, out.dtype, base=out.base, root=out.root,
+               idx=lambda i: out_idx(maps.concat_dest(SOURCE, i, axis, start)))  # type: ignore[misc]
 
 
 def step_view(val: Val, t: str, plain: bool = False) -> Val:

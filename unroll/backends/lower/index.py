@@ -22,9 +22,11 @@ The maps (`idx`, `red`, `row`, `col` are sequences or values of the algebra's in
     transpose(alg, idx, perm)
     slice_(alg, idx, triples)                    triples: normalised (start, stop, step) per axis
     pad(alg, idx, pads, src_shape)               -> (src_idx, valid)
-    concat(alg, idx, axis, sizes)                -> [(src_idx, valid) per part]
+    concat(alg, idx, axis, bounds)               -> [(src_idx, valid) per part]; bounds = concat_bounds(sizes)
+    concat_part / concat_dest(alg, idx, axis, start)   into a part / where a part's element lands
     reshape(alg, idx, shape, src_shape)          row-major; shares the flat offset when it unravels
     reduce_(alg, idx, red, src_ndim, axes, keepdims)   sum / max / argmax (keepdims=False)
+    reduce_dest(alg, src_idx, axes, keepdims)    the inverse: the output element src_idx reduces into
     onehot_ids(alg, idx)                         the ids element of onehot(ids)[idx]; the class is idx[-1]
     matmul_operand(alg, idx, operand_shape, out_shape, row, col)
     flat_offset(alg, idx, shape) / unravel(alg, flat, shape)
@@ -35,17 +37,13 @@ elementwise, movement, onehot) -> [Read(src, idx, valid)], `reduce_sources(alg, 
 and it reads its ids at idx[:-1]; a gather would be one more map here (its source index is a value
 the algebra would read through a callback).
 
-Adopting it in the Numba CPU code generator. Its views compose index maps as Python callables on
-lists of index strings (`Val.idx`: logical index -> the base array's index). A view node there
-becomes one line over these maps, e.g. for a transpose
-
-    idx=lambda index: src_idx(transpose(SOURCE, index, perm))
-
-with `SOURCE = SourceAlgebra()` (slices: `slice_(SOURCE, index, triples)`; broadcast, pad and concat
-alike, pad/concat giving the condition the element store tests). Its flexible-shape mode names
-sizes at run time (`cg.dims.offset(start)`): it would pass a `SourceAlgebra` subclass whose `const`,
-`mul`, `div`, `mod` and `in_range` spell their integer argument through `cg.dims` instead of
-folding it.
+Users: the CUDA emitter (`cuda/codegen.py`, `cuda/kernels.py`) and the CUDA persistent-loop
+planner (numpy algebra); the Numba CPU emitter (`cpu/values.py`, `cpu/emitters.py`), whose views
+compose these maps as callables (`Val.idx`: logical index -> the base array's index; a transpose is
+`lambda index: src_idx(transpose(SOURCE, index, perm))`). Its sizes and offsets are run-time
+integers (`cpu/values.Dims`), passed to the maps as names (`K`), taken once per node: the only
+index arithmetic the CPU emitter writes itself is the loop's per-step slice `[t, *index]`.
+The reshape of a materialised array is numpy's own `.reshape` there (a view, no index map).
 """
 
 from __future__ import annotations
@@ -63,26 +61,44 @@ I = TypeVar("I")  # noqa: E741  an index value of an algebra
 C = TypeVar("C")  # a condition of an algebra
 
 
-class IndexAlgebra(Generic[I, C]):
-    """The operations the index maps use. Integer arguments named `k`, `lo`, `hi` are constants."""
+K = int | str
+"""An integer a map takes from a shape or an arg: a constant, or, for a source algebra, the name of
+a run-time integer holding it (the Numba emitter names sizes and offsets so that its source does
+not depend on them). Only constants fold."""
 
-    def const(self, k: int) -> I:
+
+def is_zero(k: K) -> bool:
+    return k == 0 or k == "0"
+
+
+def _is_one(k: K) -> bool:
+    return k == 1 or k == "1"
+
+
+class IndexAlgebra(Generic[I, C]):
+    """The operations the index maps use. Integer arguments named `k`, `lo`, `hi` are constants
+    (`K`)."""
+
+    def const(self, k: K) -> I:
         raise NotImplementedError
 
     def add(self, a: I, b: I) -> I:
         raise NotImplementedError
 
-    def mul(self, a: I, k: int) -> I:
+    def sub(self, a: I, b: I) -> I:
         raise NotImplementedError
 
-    def div(self, a: I, k: int) -> I:
+    def mul(self, a: I, k: K) -> I:
+        raise NotImplementedError
+
+    def div(self, a: I, k: K) -> I:
         """Floor division by a positive constant (indices are non-negative where it is used)."""
         raise NotImplementedError
 
-    def mod(self, a: I, k: int) -> I:
+    def mod(self, a: I, k: K) -> I:
         raise NotImplementedError
 
-    def in_range(self, a: I, lo: int, hi: int) -> C:
+    def in_range(self, a: I, lo: K, hi: K) -> C:
         """lo <= a < hi."""
         raise NotImplementedError
 
@@ -97,19 +113,20 @@ class IndexAlgebra(Generic[I, C]):
 
 # ---- the source-text algebra ------------------------------------------------------------------
 
-def _is_int(a: str) -> bool:
-    return a.lstrip("-").isdigit()
+def _is_int(a: K) -> bool:
+    return isinstance(a, int) or a.lstrip("-").isdigit()
 
 
 class SourceAlgebra(IndexAlgebra[str, str]):
     """Index expressions as Python source strings, constants folded; conditions as source strings.
+    Integer arguments may be names of run-time integers (`K`): spelled, never folded.
     `bind(expr, stem) -> name`, when given, names shared sub-expressions (see `share`)."""
 
     def __init__(self, bind: Callable[[str, str], str] | None = None) -> None:
         self._bind = bind
 
-    def const(self, k: int) -> str:
-        return str(int(k))
+    def const(self, k: K) -> str:
+        return k if isinstance(k, str) else str(int(k))
 
     def add(self, a: str, b: str) -> str:
         if a == "0":
@@ -120,26 +137,33 @@ class SourceAlgebra(IndexAlgebra[str, str]):
             return str(int(a) + int(b))
         return f"({a} + {b})"
 
-    def mul(self, a: str, k: int) -> str:
-        if k == 0 or a == "0":
-            return "0"
-        if k == 1:
+    def sub(self, a: str, b: str) -> str:
+        if b == "0":
             return a
-        if _is_int(a):
-            return str(int(a) * k)
+        if _is_int(a) and _is_int(b):
+            return str(int(a) - int(b))
+        return f"({a} - {b})"
+
+    def mul(self, a: str, k: K) -> str:
+        if is_zero(k) or a == "0":
+            return "0"
+        if _is_one(k):
+            return a
+        if _is_int(a) and _is_int(k):
+            return str(int(a) * int(k))
         return f"({a} * {k})"
 
-    def div(self, a: str, k: int) -> str:
-        if k == 1:
+    def div(self, a: str, k: K) -> str:
+        if _is_one(k):
             return a
-        return str(int(a) // k) if _is_int(a) else f"({a} // {k})"
+        return str(int(a) // int(k)) if _is_int(a) and _is_int(k) else f"({a} // {k})"
 
-    def mod(self, a: str, k: int) -> str:
-        if k == 1:
+    def mod(self, a: str, k: K) -> str:
+        if _is_one(k):
             return "0"
-        return str(int(a) % k) if _is_int(a) else f"({a} % {k})"
+        return str(int(a) % int(k)) if _is_int(a) and _is_int(k) else f"({a} % {k})"
 
-    def in_range(self, a: str, lo: int, hi: int) -> str:
+    def in_range(self, a: str, lo: K, hi: K) -> str:
         return f"{a} >= {lo} and {a} < {hi}"
 
     def all_(self, conds: Sequence[str]) -> str:
@@ -166,6 +190,9 @@ class NumpyAlgebra(IndexAlgebra[np.ndarray, np.ndarray]):
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b
+
+    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a - b
 
     def mul(self, a: np.ndarray, k: int) -> np.ndarray:
         return a * k
@@ -240,28 +267,50 @@ def slice_(alg: IndexAlgebra[I, Any], idx: Sequence[I], triples: Sequence[tuple[
     return [alg.add(alg.const(start), alg.mul(i, step)) for i, (start, _, step) in zip(idx, triples)]
 
 
-def pad(alg: IndexAlgebra[I, C], idx: Sequence[I], pads: Sequence[tuple[int, int]],
-        src_shape: Sequence[int]) -> tuple[list[I], C]:
-    """The source index and whether it lies inside the source (outside, the element is zero)."""
+def pad(alg: IndexAlgebra[I, C], idx: Sequence[I], pads: Sequence[tuple[K, K]],
+        src_shape: Sequence[K]) -> tuple[list[I], C]:
+    """The source index and whether it lies inside the source (outside, the element is zero).
+    Only the padded axes (`padded_axes`) are tested."""
     src, conds = [], []
     for i, (lo, hi), d in zip(idx, pads, src_shape):
-        j = alg.add(i, alg.const(-lo)) if lo else i
+        j = i if is_zero(lo) else alg.sub(i, alg.const(lo))
         src.append(j)
-        if lo or hi:
+        if not (is_zero(lo) and is_zero(hi)):
             conds.append(alg.in_range(j, 0, d))
     return src, alg.all_(conds)
 
 
-def concat(alg: IndexAlgebra[I, C], idx: Sequence[I], axis: int, sizes: Sequence[int]
+def padded_axes(pads: Sequence[tuple[int, int]]) -> list[int]:
+    return [a for a, (lo, hi) in enumerate(pads) if lo or hi]
+
+
+def concat_bounds(sizes: Sequence[int]) -> list[int]:
+    """Where each part of a concatenation starts, then (last) the total extent."""
+    return [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+
+
+def concat(alg: IndexAlgebra[I, C], idx: Sequence[I], axis: int, bounds: Sequence[K]
            ) -> list[tuple[list[I], C]]:
-    """Per part (of `sizes[k]` elements on `axis`): its index and whether idx falls in it."""
-    out, start = [], 0
-    for size in sizes:
-        src = list(idx)
-        src[axis] = alg.add(idx[axis], alg.const(-start))
-        out.append((src, alg.in_range(idx[axis], start, start + size)))
-        start += size
-    return out
+    """Per part k (bounds[k] <= idx[axis] < bounds[k + 1], see `concat_bounds`): its index and
+    whether idx falls in it."""
+    return [(concat_part(alg, idx, axis, start), alg.in_range(idx[axis], start, stop))
+            for start, stop in zip(bounds, bounds[1:])]
+
+
+def concat_part(alg: IndexAlgebra[I, Any], idx: Sequence[I], axis: int, start: K) -> list[I]:
+    """The index into the part starting at `start` that a concatenation's element idx reads."""
+    src = list(idx)
+    if not is_zero(start):
+        src[axis] = alg.sub(idx[axis], alg.const(start))
+    return src
+
+
+def concat_dest(alg: IndexAlgebra[I, Any], idx: Sequence[I], axis: int, start: K) -> list[I]:
+    """The inverse of `concat_part`: where element idx of the part starting at `start` lands."""
+    dst = list(idx)
+    if not is_zero(start):
+        dst[axis] = alg.add(alg.const(start), idx[axis])
+    return dst
 
 
 def reshape(alg: IndexAlgebra[I, Any], idx: Sequence[I], shape: Sequence[int],
@@ -288,6 +337,13 @@ def reduce_(alg: IndexAlgebra[I, Any], idx: Sequence[I], red: Sequence[I], src_n
         else:
             out.append(next(it_out))
     return out
+
+
+def reduce_dest(alg: IndexAlgebra[I, Any], src_idx: Sequence[I], axes: Sequence[int],
+                keepdims: bool) -> list[I]:
+    """The inverse direction of `reduce_`: the output element the source element src_idx is
+    reduced into (reduced axes dropped, or pinned to 0 with keepdims)."""
+    return [alg.const(0) if a in axes else i for a, i in enumerate(src_idx) if keepdims or a not in axes]
 
 
 def onehot_ids(alg: IndexAlgebra[I, Any], idx: Sequence[I]) -> list[I]:
@@ -343,7 +399,7 @@ def sources(alg: IndexAlgebra[I, C], node: Node, idx: Sequence[I]) -> list[Read]
         return [Read(src, *pad(alg, idx, node.arg, src.shape))]  # type: ignore[arg-type]
     if op is Op.CONCAT:
         axis: int = node.arg  # type: ignore[assignment]
-        parts = concat(alg, idx, axis, [s.shape[axis] for s in node.src])
+        parts = concat(alg, idx, axis, concat_bounds([s.shape[axis] for s in node.src]))
         return [Read(s, i, valid) for s, (i, valid) in zip(node.src, parts)]
     if op is Op.ONEHOT:
         return [Read(src, onehot_ids(alg, idx))]
@@ -398,8 +454,9 @@ def numpy_source_map(node: Node, flat: np.ndarray) -> list[tuple[Node, np.ndarra
 
 
 __all__ = [
-    "SOURCE", "IndexAlgebra", "NumpyAlgebra", "POINTWISE_READS", "Read", "SourceAlgebra", "broadcast",
-    "concat", "flat_offset", "keeps_dims", "matmul_operand", "matmul_sources", "numpy_source_map",
+    "K", "SOURCE", "IndexAlgebra", "NumpyAlgebra", "POINTWISE_READS", "Read", "SourceAlgebra", "broadcast",
+    "concat", "concat_bounds", "concat_dest", "concat_part", "flat_offset", "is_zero", "padded_axes",
+    "reduce_dest", "keeps_dims", "matmul_operand", "matmul_sources", "numpy_source_map",
     "onehot_ids", "pad", "reduce_", "reduce_sources", "reduced_axes", "reshape", "slice_", "sources",
     "strides", "transpose", "unravel",
 ]
