@@ -16,6 +16,12 @@ training sequences, batch 64, 6 epochs = 900 steps, H=32, TCN kernel 7 x 2 level
 (the numpy interpreter runs the TCN's large im2col matmuls slower than the RNNs' small steps; all
 three sit on the trivial 0.167 plateau for the first few hundred steps before they find the markers)
 
+Re-derived by tests/test_examples.py with the same seeds: the default tests run the quick size (T=8,
+64 training sequences, batch 16, 1 epoch = 4 steps, H=8: too short to learn anything), `pytest -m
+slow` the full run above:
+    main(quick=True) -> TCN_mse=0.8918 LSTM_mse=0.8687 GRU_mse=0.4526
+    main()           -> TCN_mse=0.0008 LSTM_mse=0.0008 GRU_mse=0.0002
+
     python examples/adding_problem.py [--quick] [--backend numba] [--epochs N] [--hidden H] [--T T]
 """
 

@@ -17,6 +17,13 @@ Measured (2-core x86 machine shared with other jobs, numpy backend, one BLAS thr
     sampled at T=0.8:     def wer"
                           # sest in token in its coduen
                                       # push fin in of result.apper 'reculsipy
+(the corpus is the running interpreter's own library: these are for Python 3.11.7's)
+
+Re-derived by tests/test_examples.py with the same seeds: the default tests run the quick size (the
+first 4000 characters, LSTM H=16, T=12, batch 8, 3 steps), `pytest -m slow` the full run above:
+    main(quick=True) -> bits_per_char=6.363 unigram_bits=4.697 greedy="def xxxwxxxw"
+    main()           -> bits_per_char=2.80 unigram_bits=4.42
+    main()           -> greedy="def include_hidden=False, and the string whitespace characters the lengin"
 
     python examples/char_lm.py [--quick] [--backend numba] [--epochs N] [--hidden H]
 """

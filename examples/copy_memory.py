@@ -18,6 +18,14 @@ The TCN sees the whole sequence at once and solves it; within this budget the RN
 just leaving) the trivial solution, the gap the TCN paper reports for copy memory (there the RNNs
 stay at the baseline for long sequences); train longer with --epochs to see whether they get there.
 
+Re-derived by tests/test_examples.py with the same seeds: the default tests run the quick size (T=3
+blanks, 64 training sequences, batch 16, 1 epoch = 4 steps, H=8), `pytest -m slow` the full run
+above (recall as a fraction: 1.0 is 100%):
+    main(quick=True) -> TCN_loss=2.160 TCN_recall=0.1094 LSTM_loss=2.341 LSTM_recall=0.000
+    main(quick=True) -> GRU_loss=2.334 GRU_recall=0.000
+    main()           -> TCN_loss=0.0000 TCN_recall=1.000 LSTM_loss=0.6946 LSTM_recall=0.121
+    main()           -> GRU_loss=0.6405 GRU_recall=0.195
+
     python examples/copy_memory.py [--quick] [--backend numba] [--epochs N] [--hidden H] [--T T]
 """
 

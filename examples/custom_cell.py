@@ -19,6 +19,13 @@ problem T=20, batch 64, 600 steps, `python examples/custom_cell.py`, 8.5 s in al
     optimized + compiled vs the unoptimized reference: max difference 5.4e-07 (float32)
     test MSE 0.0007 (trivial 0.167); 7 s of training
 
+Re-derived by tests/test_examples.py with the same seeds: the default tests run the quick size (T=6,
+H=8, batch 16, 3 training steps; the finite-difference check is the same at both sizes), `pytest -m
+slow` the full run above. The two rounding errors are bounded rather than matched: they depend on
+the BLAS build's summation order.
+    main(quick=True) -> mse=0.6566 grad_check_error<1e-7 max_difference<1e-6
+    main()           -> mse=0.0007 grad_check_error<1e-7 max_difference<2e-6
+
     python examples/custom_cell.py [--quick] [--backend numba] [--hidden H]
 """
 
@@ -64,8 +71,8 @@ def mgu_model(T: int, batch: int, inputs: int, hidden: int, dtype: str = "float3
 def gradient_check(seed: int = 0) -> float:
     """Max relative error of ur.grad against central differences, float64, along random directions."""
     _, _, _, loss, params = mgu_model(T=5, batch=3, inputs=2, hidden=4, dtype="float64")
-    f = ur.compile(loss)
-    df = ur.compile(ur.grad(loss, params))
+    f = ur.compile(loss, backend="numpy")
+    df = ur.compile(ur.grad(loss, params), backend="numpy")
     rng = np.random.default_rng(seed)
     xv, yv = adding_problem(3, 5, seed=seed, dtype=np.float64)
     values = ur.init_values(params, seed)
@@ -133,7 +140,7 @@ def main(quick: bool = False, backend: str = "numpy", epochs: int | None = None,
     mse = float(np.mean((predict(x=x_test, **values) - y_test) ** 2))
     print(f"  test MSE {mse:.4f} (trivial {ADDING_BASELINE_MSE:.3f}), {seconds:.0f} s of training, "
           f"{time.perf_counter() - start:.0f} s in all")
-    return {"grad_check_error": error, "mse": mse, "seconds": seconds}
+    return {"grad_check_error": error, "max_difference": mismatch, "mse": mse, "seconds": seconds}
 
 
 if __name__ == "__main__":

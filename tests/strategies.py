@@ -87,6 +87,7 @@ SMOOTH_UNARY: dict[str, Callable[[Node], Node]] = {
     "sqrt": lambda x: b.sqrt(x * x + 0.25),
     "recip": lambda x: b.recip(x * x + 1.0),
     "log1p": lambda x: b.log1p(x * x),
+    "sin": b.sin, "cos": b.cos,
 }
 # kinks, jumps or a zero gradient by definition: left out of smooth graphs (finite differences)
 KINKED_UNARY: dict[str, Callable[[Node], Node]] = {

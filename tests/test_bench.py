@@ -118,3 +118,28 @@ def test_cuda_bench_runs_in_the_simulator(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert rows[0]["impl"] == "cuda" and rows[0]["median_ms"] is not None, rows[0]["note"]
+
+
+def test_cli_writes_results_without_out_and_names_the_extra(tmp_path, monkeypatch, capsys):
+    """Issue #18: `unroll bench` with no --out still saves its numbers (./unroll_bench) and says
+    where; a missing PyTorch or JAX is one line naming the extra that installs them."""
+    real_import = bench._try_import
+    monkeypatch.setattr(bench, "_try_import", lambda name: None if name in bench.PEERS else real_import(name))
+    monkeypatch.chdir(tmp_path)
+    code = bench.main(["--cells", "rnn", "--configs", "2,1,2,2", "--impls", "numpy", "--repeats", "1",
+                       "--budget", "0.01", "--same-process", "--no-memory", "--no-plot"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert 'torch and jax: not installed, skipped; pip install -e ".[bench]" adds them' in out.splitlines()
+    saved = json.loads((tmp_path / "unroll_bench" / "bench.json").read_text())
+    assert [r["impl"] for r in saved["rows"]] == ["numpy"]
+    assert (tmp_path / "unroll_bench" / "bench.md").exists()
+    last = out.strip().splitlines()[-1]
+    assert last == f"results written to {os.path.join('unroll_bench', 'bench.json')}, " \
+                   f"{os.path.join('unroll_bench', 'bench.md')}"
+
+
+def test_missing_peers_line():
+    assert bench.missing_peers_line({"torch": True, "jax": True}) is None
+    assert bench.missing_peers_line({"torch": True, "jax": False}) == \
+        'jax: not installed, skipped; pip install -e ".[bench]" adds them'

@@ -158,7 +158,7 @@ def test_flow_writes_a_png(tmp_path, capsys):
 
 
 def test_train_runs_a_task_quickly(capsys):
-    code, out = _run(["train", "adding", "--quick"], capsys)
+    code, out = _run(["train", "adding", "--quick", "--backend", "numpy"], capsys)
     assert code == 0
     assert "adding:" in out and "LSTM_mse=" in out
 

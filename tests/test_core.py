@@ -59,7 +59,7 @@ def test_unroll_rnn_cells(cell: tuple[Graph, dict], factor: int) -> None:
     for h in (ur.unroll(g), ur.unroll(g, factor=factor)):
         ur.verify(h)
         assert_same_values(g, h, feeds)
-    ys, h_t = ur.compile(g)(**feeds)
+    ys, h_t = ur.compile(g, backend="numpy")(**feeds)
     T = g.outputs[0].shape[0]
     reverse = g.outputs[1].src[0].arg.reverse
     np.testing.assert_array_equal(h_t, ys[0 if reverse else T - 1])  # the cell returns h as y
@@ -92,7 +92,7 @@ def test_unroll_keeps_unused_inputs() -> None:
     u = ur.unroll(g)
     assert u.input_names == ["keep_h", "keep_x"] and u.output_names == ("h",)
     feeds = {"keep_x": np.ones((3, 2), np.float32), "keep_h": np.ones(2, np.float32)}
-    np.testing.assert_array_equal(ur.compile(u)(**feeds)[0], [8.0, 8.0])
+    np.testing.assert_array_equal(ur.compile(u, backend="numpy")(**feeds)[0], [8.0, 8.0])
 
 
 # ---- verify rejects broken graphs ---------------------------------------------------------------
@@ -260,9 +260,30 @@ def test_mismatched_sequence_lengths_are_reported() -> None:
         ur.scan(lambda h, x_t: (h, x_t), ur.zeros((2,)), a, length=3)
 
 
+@pytest.mark.parametrize("shape,message", [
+    ((-1, 5), "reshape: expected a shape with 32 elements for f32[4,8], found (-1, 5): the -1 has no whole "
+              "size (32 is not a multiple of 5)"),
+    ((5, 7), "reshape: expected a shape with 32 elements for f32[4,8], found (5, 7) (35 elements)"),
+    ((0, -1), "found (0, -1): the -1 has no whole size (the others hold 0 elements)"),
+    ((-1, -1), "reshape: expected dimensions >= 0 and at most one -1, found (-1, -1) for f32[4,8]"),
+    ((-2, 16), "found (-2, 16) for f32[4,8]"),
+])
+def test_reshape_error_shows_the_shape_as_written(shape: tuple[int, ...], message: str) -> None:
+    """Issue #18: the message shows what the user wrote, the element count and the input's shape,
+    never the resolved [6, 5]."""
+    x = ur.input("rs_x", (4, 8))
+    line = sys._getframe().f_lineno + 2
+    with pytest.raises(ShapeError) as info:
+        ur.reshape(x, shape)
+    text = str(info.value)
+    assert message in text and "[6, 5]" not in text
+    assert f"{__file__}:{line}" in text
+    assert ur.reshape(x, (-1, 16)).shape == (2, 16) and x.reshape(np.int64(32)).shape == (32,)
+
+
 def test_feed_errors_name_the_input() -> None:
     x, ids = ur.input("feed_x", (3, 2)), ur.input("feed_ids", (3,), "int32")
-    fn = ur.compile(x * 2.0 + b.cast(ids, "float32").reshape(3, 1))
+    fn = ur.compile(x * 2.0 + b.cast(ids, "float32").reshape(3, 1), backend="numpy")
     good = {"feed_x": np.ones((3, 2), np.float32), "feed_ids": np.arange(3, dtype=np.int32)}
     assert fn(**good).shape == (3, 2)
     with pytest.raises(ur.FeedError, match=r"missing 'feed_x' \(f32\[3,2\]\)"):

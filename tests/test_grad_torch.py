@@ -41,7 +41,7 @@ def our_grads(loss, wrt: dict, feeds: dict) -> dict:
     """name -> gradient, from value_and_grad compiled with the numpy backend (also checks the loss
     node value_and_grad returns)."""
     value, grads = ur.value_and_grad(loss, list(wrt.values()))
-    out = ur.compile([value, *grads])(**feeds)
+    out = ur.compile([value, *grads], backend="numpy")(**feeds)
     return {"loss": out[0], **dict(zip(wrt, out[1:]))}
 
 

@@ -538,7 +538,7 @@ def test_dropout_in_training_mode_is_a_seeded_mask_input(kind: str) -> None:
     loss = sum((ur.sum(n * ur.input(f"w{k}", n.shape, F64)) for k, n in enumerate(outs)), ur.zeros((), F64))
     run_feeds = {"a0": xv, m_node.name: masks, **model.state_dict(),
                  **{f"w{k}": w for k, w in enumerate(weights)}}
-    got = ur.compile([*outs, *ur.grad(loss, [sym_x, *model.parameters()])])(**run_feeds)
+    got = ur.compile([*outs, *ur.grad(loss, [sym_x, *model.parameters()])], backend="numpy")(**run_feeds)
     xt = torch.tensor(xv, requires_grad=True)
     t_out, t_state = theirs(xt)
     t_outs = [t_out, *(t_state if kind == "LSTM" else (t_state,))]
@@ -560,7 +560,7 @@ def test_dropout_module_train_and_eval() -> None:
     (mask,) = ur.nn.dropout_inputs(y)
     feeds = ur.nn.dropout_feeds(y, seed=0)
     xv = make(np.random.default_rng(9), 6, 4)
-    np.testing.assert_array_equal(ur.compile(y)(x=xv, **feeds), xv * feeds[mask.name])
+    np.testing.assert_array_equal(ur.compile(y, backend="numpy")(x=xv, **feeds), xv * feeds[mask.name])
     assert drop.eval()(x) is x
     with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got 1.5"):
         ur.nn.Dropout(1.5)
@@ -647,7 +647,7 @@ def test_state_merges_modules_and_claims_their_names() -> None:
     assert list(merged) == ["weight", "bias", "linear.weight", "linear.bias"]
     x = ur.input("x", (4, 2))
     y = a(x) + b_(x)
-    assert ur.compile(y)(x=np.ones((4, 2), np.float32), **merged).shape == (4, 3)
+    assert ur.compile(y, backend="numpy")(x=np.ones((4, 2), np.float32), **merged).shape == (4, 3)
     with pytest.raises(TypeError, match="expected modules"):
         ur.nn.state({"weight": 1})
 
@@ -700,7 +700,8 @@ def test_readme_single_module_feed_keeps_working() -> None:
     out, _ = lstm(x)
     loss = ur.nn.mse(out, y)
     rng = np.random.default_rng(0)
-    value = ur.compile(loss)(x=rng.normal(size=(T, B, I)), y=rng.normal(size=(T, B, H)), **lstm.state_dict())
+    value = ur.compile(loss, backend="numpy")(x=rng.normal(size=(T, B, I)), y=rng.normal(size=(T, B, H)),
+                                              **lstm.state_dict())
     assert np.isfinite(value)
 
 
@@ -841,7 +842,7 @@ def test_train_step_with_two_top_level_modules() -> None:
     out, _, _ = decoder(*encoder(src), tgt)
     loss = ur.nn.cross_entropy(out, tgt)  # out is already log-probabilities; fine for a smoke test
     before = {k: v.copy() for k, v in ur.nn.state(encoder, decoder).items()}
-    step = ur.TrainStep(loss, [encoder, decoder], optimizer="sgd", lr=0.1)
+    step = ur.TrainStep(loss, [encoder, decoder], optimizer="sgd", lr=0.1, backend="numpy")
     rng = np.random.default_rng(0)
     step(src=rng.integers(0, n_in, (B, T)), tgt=rng.integers(0, n_out, (B, MAX_LENGTH)))
     step.write_back()
@@ -900,7 +901,7 @@ def test_pad_packed_sequence_padding_value_total_length_and_errors() -> None:
     packed = ur.nn.utils.rnn.pack_padded_sequence(x, [4, 2, 1])  # constant lengths
     padded, lens = ur.nn.utils.rnn.pad_packed_sequence(packed, batch_first=True, padding_value=-1.0,
                                                        total_length=6)
-    got, got_lens = ur.compile([padded, lens])(x=xv)
+    got, got_lens = ur.compile([padded, lens], backend="numpy")(x=xv)
     want, want_lens = pad_packed_sequence(pack_padded_sequence(torch.from_numpy(xv), [4, 2, 1]),
                                           batch_first=True, padding_value=-1.0, total_length=6)
     np.testing.assert_array_equal(got, want.numpy())
@@ -924,7 +925,7 @@ def test_unbatched_sequence_with_a_length() -> None:
     model, ref = pair(ur.nn.GRU, torch.nn.GRU, 3, 4, bidirectional=True)
     xv = make(np.random.default_rng(14), 5, 3)
     out, h = model(ur.input("x", (5, 3), F64), lengths=ur.input("n", (), "int64"))
-    got = ur.compile([out, h])(x=xv, n=np.array(3), **model.state_dict())
+    got = ur.compile([out, h], backend="numpy")(x=xv, n=np.array(3), **model.state_dict())
     with torch.no_grad():
         t_out, t_h = ref(torch.from_numpy(xv[:3]))
     assert_close(got[0][:3], t_out, "output")

@@ -2,7 +2,9 @@
 
 Each README code block that prints something is paired here with the block of output under it;
 the test executes the code (in a fresh namespace, with numpy's default printing) and compares the
-text. Timings and sizes that vary between machines are not in these blocks."""
+text. Timings and sizes that vary between machines are not in these blocks. "Coming from PyTorch /
+JAX" runs every block; the torch and JAX originals run where those are installed and are compared
+with their unroll ports numerically (loss and every gradient)."""
 
 from __future__ import annotations
 
@@ -63,3 +65,70 @@ def test_code_blocks_without_output_run(title):
     code = _blocks(_section(title))[0][1]
     prelude = "import numpy as np\nimport unroll as ur\nT, B, I, H = 50, 16, 8, 32\nx = ur.input('x', (T, B, I))\n"
     _run(prelude + code)
+
+
+# ---- Coming from PyTorch / JAX: every block runs; the ports are checked against torch and JAX ------
+
+PORT_ROLES = ("torch", "torch_port", "torch_port_output", "jax", "jax_port", "jax_port_output")
+
+
+def _port_blocks() -> dict[str, str]:
+    """The section's blocks by role: a torch model, its unroll port and what the port prints; a JAX
+    scan, its port and what that prints."""
+    blocks = _blocks(_section("Coming from PyTorch / JAX"))
+    assert [lang for lang, _ in blocks] == ["python", "python", "", "python", "python", ""], \
+        "the section's blocks changed: give each a role here so that every one is still executed"
+    return dict(zip(PORT_ROLES, (body for _, body in blocks)))
+
+
+def _exec(code: str) -> tuple[dict, str]:
+    """(namespace, printed text) of one block run in a fresh namespace."""
+    namespace: dict = {"__name__": "__readme__"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, README, "exec"), namespace)  # noqa: S102 - our README
+    return namespace, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ports() -> tuple[dict[str, str], dict[str, tuple[dict, str]]]:
+    """Each unroll block run once: a second run, while the first one's model lives, would find its
+    parameter names claimed and print renamed ones (unroll.nn.module's parameter identity)."""
+    blocks = _port_blocks()
+    return blocks, {role: _exec(blocks[role]) for role in ("torch_port", "jax_port")}
+
+
+@pytest.mark.parametrize("role", ["torch_port", "jax_port"])
+def test_the_ports_print_what_the_readme_shows(ports, role):
+    blocks, runs = ports
+    assert runs[role][1].strip() == blocks[role + "_output"].strip()
+
+
+def test_the_torch_port_computes_torchs_loss_and_gradients(ports):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    blocks, runs = ports
+    torch.manual_seed(0)
+    theirs, _ = _exec(blocks["torch"])
+    ours = runs["torch_port"][0]
+    model, step = ours["model"], ours["step"]
+    model.load_state_dict(theirs["model"].state_dict())  # torch's weights, by torch's names
+    loss, *grads = step(x=theirs["x"].numpy(), labels=theirs["labels"].numpy(), **model.state_dict())
+    assert abs(float(loss) - theirs["loss"].item()) <= 1e-5 * abs(theirs["loss"].item())
+    torch_grads = dict(theirs["model"].named_parameters())
+    for param, got in zip(model.parameters(), grads):
+        want = torch_grads[param.name].grad.numpy()
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, f"{param.name}: relative error {err:.3g} against torch autograd"
+
+
+def test_the_jax_port_computes_jaxs_loss_and_gradients(ports):
+    pytest.importorskip("jax")  # optional (the [bench] extra): the unroll block ran above without it
+    import numpy as np
+    blocks, runs = ports
+    theirs, printed = _exec(blocks["jax"])
+    ours = runs["jax_port"][0]
+    assert printed.strip() == blocks["jax_port_output"].strip()  # the same numbers in, the same loss out
+    np.testing.assert_allclose(float(ours["loss_v"]), float(theirs["loss"]), rtol=1e-5)
+    for got, want in zip(ours["grads_v"], theirs["grads"], strict=True):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-6)

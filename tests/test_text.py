@@ -162,7 +162,7 @@ def every_op_graph() -> Graph:
     mask = ur.input("ops_mask", (2, 3), "bool")
     w = ur.param("ops_w", (3, 3), init="glorot", dtype="float32")
     outs = [fn(x) for fn in (b.neg, b.exp, b.log, b.tanh, b.sigmoid, b.relu, b.sqrt, b.abs, b.sign,
-                             b.recip, b.log1p, b.stop_gradient)]
+                             b.recip, b.log1p, b.sin, b.cos, b.stop_gradient)]
     outs += [fn(x, 0.5) for fn in (b.add, b.sub, b.mul, b.div, b.pow, b.maximum, b.minimum)]
     outs += [b.where(fn(x, w[:2]), x, 0.0) for fn in (b.less, b.less_equal, b.greater, b.greater_equal,
                                                      b.equal, b.not_equal)]
@@ -307,7 +307,7 @@ def test_handwritten_text_with_custom_names() -> None:
     g = parse(text)
     ur.verify(g)
     xs = np.arange(6, dtype=np.float32).reshape(3, 2)
-    total, running = ur.compile(g)(hand_xs=xs)
+    total, running = ur.compile(g, backend="numpy")(hand_xs=xs)
     np.testing.assert_array_equal(total, xs.sum(0))
     np.testing.assert_array_equal(running, np.cumsum(xs, 0))
 
@@ -365,6 +365,32 @@ PARSE_ERRORS = [
      "line 2: loop: sequence 0 expected f32[3,3], found f32[2,3]"),
     (HEAD + "%1 = loop length=2 reverse=maybe consts() carry() xs(%0) : (f32[2,3]) {",
      "line 2: expected true or false, found 'maybe'"),
+    # semantic errors carry the line too (issue #18): a text the builders would refuse is refused here
+    (HEAD + '%1 = param "w" init=bogus:7 : f32[3]\nreturn %1',
+     "line 2: param \"w\": unknown init kind 'bogus' in 'bogus:7'; expected zeros, ones, glorot"),
+    (HEAD + '%1 = param "w" init=uniform:abc : f32[3]\nreturn %1',
+     "line 2: param \"w\": uniform needs a number after ':', found 'uniform:abc'"),
+    (HEAD + '%1 = param "w" init=glorot:2 : f32[3]\nreturn %1', "line 2: param \"w\": glorot takes no value"),
+    (HEAD + '%1 = param "w" init=normal:-1 : f32[3]\nreturn %1',
+     "line 2: param \"w\": normal needs a finite number >= 0 after ':', found 'normal:-1'"),
+    (HEAD + '%1 = input "err_x" : f32[4]\nreturn %1',
+     "line 2: input \"err_x\": the name is declared twice (first as input at line 1)"),
+    (HEAD + '%1 = input "err_x" : f32[2,3]\nreturn %1',
+     "line 2: input \"err_x\": the name is declared twice (first as input at line 1)"),
+    (HEAD + '%1 = param "err_x" init=zeros : f32[2,3]\nreturn %1',
+     "line 2: param \"err_x\": the name is declared twice (first as input at line 1)"),
+    (HEAD + '%1 = input "y" : f32[2,-3]\nreturn %1', "line 2: expected a dimension >= 0, found -3"),
+    (HEAD + "%1 = const 2.5 : i32[3]\nreturn %1",
+     "line 2: const: the value 2.5 is not an integer, but the constant is int32"),
+    (HEAD + "%1 = const 3000000000 : i32[]\nreturn %1", "line 2: const: the value 3000000000 does not fit int32"),
+    (HEAD + "%1 = const abc : f32[]\nreturn %1",
+     "line 2: expected a number, true, false or an array like [1.0, 2.0] after const, found 'abc'"),
+    (HEAD + '%1 = const "a" : f32[]\nreturn %1', "line 2: expected a number, true, false or an array"),
+    (HEAD + "%1 = const (1, 2) : f32[]\nreturn %1", "line 2: expected a number, true, false or an array"),
+    (HEAD + "%1 = const 2 : bool[]\nreturn %1", "line 2: const: expected true or false for a bool constant, found 2"),
+    (HEAD + "%1 = const true : f32[]\nreturn %1", "line 2: const: expected numbers for a f32 constant, found true"),
+    (HEAD + "%1 = const [1.0, true] : f32[2]\nreturn %1", "line 2: const: expected numbers for a f32 constant"),
+    (HEAD + "%1 = const [1.5, 2.0] : i32[2]\nreturn %1", "line 2: const: the array holds 1.5, not an integer"),
 ]
 
 
@@ -373,3 +399,36 @@ def test_parse_errors_name_line_and_expectation(text: str, message: str) -> None
     with pytest.raises(ParseError) as info:
         parse(text)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("bogus:7", "param 'w': unknown init kind 'bogus' in 'bogus:7'; expected zeros, ones, glorot"),
+    ("uniform:abc", "param 'w': uniform needs a number after ':'"),
+    ("zeros:1", "param 'w': zeros takes no value"),
+    ("uniform:nan", "param 'w': uniform needs a finite number >= 0"),
+])
+def test_param_rejects_unknown_init_specs(spec: str, message: str) -> None:
+    """ur.param refuses what the parser refuses, and init_values never falls back to glorot."""
+    with pytest.raises(ValueError) as info:
+        ur.param("w", (3,), init=spec)
+    assert message in str(info.value)
+    broken = Node.leaf(Op.PARAM, TensorType((3,), "float32"), ("w", spec))  # around ur.param's check
+    with pytest.raises(ValueError, match="init_values: param 'w' has the unknown init spec"):
+        ur.init_values([broken])
+
+
+def test_leaf_builders_reject_negative_dimensions() -> None:
+    with pytest.raises(ur.ShapeError, match=r"input 'x': expected non-negative dimensions, found shape \(2, -3\)"):
+        ur.input("x", (2, -3))
+    with pytest.raises(ur.ShapeError, match=r"param 'w': expected non-negative dimensions"):
+        ur.param("w", (-1,))
+
+
+def test_valid_constants_and_inits_still_parse() -> None:
+    """The new checks refuse only what never prints: integral floats in an int const, and every init."""
+    text = ('%0 = param "w" init=normal:0.5 : f32[3]\n%1 = param "v" init=glorot : f32[3,3]\n'
+            '%2 = const 2.0 : i32[]\n%3 = const [true, false] : bool[2]\n%4 = const -inf : f32[]\n'
+            'return %0, %1, %2, %3, %4\n')
+    g = parse(text)
+    assert g.outputs[2].arg == 2 and g.outputs[4].arg == -math.inf
+    assert [p.arg for p in g.params()] == [("w", "normal:0.5"), ("v", "glorot")]

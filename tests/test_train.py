@@ -205,7 +205,7 @@ def test_fit_linear_regression_hand_written_gradients():
     loss, params, grads, dataset = _linear_regression()
     evals = []
     result = fit(loss, params, dataset, epochs=20, optimizer=Adam(lr=0.05), grads=grads, progress=False,
-                 eval_fn=lambda v: evals.append(v["w"].copy()) or float(v["b"][0]))
+                 eval_fn=lambda v: evals.append(v["w"].copy()) or float(v["b"][0]), backend="numpy")
     hist = result.history
     assert hist.steps == 20 * (200 // 16) == len(hist.grad_norm)
     assert len(hist.epoch_loss) == 20 and len(hist.evals) == 20 and hist.evals[-1][0] == hist.steps
@@ -215,14 +215,14 @@ def test_fit_linear_regression_hand_written_gradients():
     assert params_out is result.params and history is hist and hist.stopped is None
     assert result.params["w"] is not result.trainer.values["w"]  # copies
     # the same seed gives the same run
-    again = fit(loss, params, dataset, epochs=20, optimizer=Adam(lr=0.05), grads=grads, progress=False)
+    again = fit(loss, params, dataset, epochs=20, optimizer=Adam(lr=0.05), grads=grads, progress=False, backend="numpy")
     assert again.history.loss == hist.loss
 
 
 def test_train_step_matches_manual_update_and_clips():
     loss, params, grads, dataset = _linear_regression(dtype="float64")
     init = {"w": np.full((3, 1), 0.5), "b": np.zeros(1)}
-    step = TrainStep(loss, params, optimizer=SGD(lr=0.1), clip=0.01, grads=grads, values=init)
+    step = TrainStep(loss, params, optimizer=SGD(lr=0.1), clip=0.01, grads=grads, values=init, backend="numpy")
     init["w"][:] = 99.0  # the step holds its own copy
     batch = {"x": dataset["x"][:16], "y": dataset["y"][:16]}
     loss0, g = step.gradients(batch)
@@ -232,7 +232,7 @@ def test_train_step_matches_manual_update_and_clips():
     clipped, _ = clip_by_global_norm(g, 0.01)
     np.testing.assert_allclose(step.values["w"], 0.5 - 0.1 * clipped["w"], rtol=1e-12)
     by_value = TrainStep(loss, params, optimizer="sgd", lr=1.0, clip=("value", 1e-3), grads=grads,
-                         values={"w": np.full((3, 1), 0.5), "b": np.zeros(1)})
+                         values={"w": np.full((3, 1), 0.5), "b": np.zeros(1)}, backend="numpy")
     by_value.step(batch)
     np.testing.assert_allclose(np.abs(by_value.values["w"] - 0.5), 1e-3)
     assert "TrainStep numpy" in repr(step)
@@ -283,33 +283,35 @@ def test_fit_sequence_data_batches_partial_batches_and_errors():
             super().step(params, grads)
 
     xs = np.arange(T * 10, dtype=np.float32).reshape(T, 10, 1)  # N = 10 examples along axis 1
-    r = fit(loss, [w], {"x": xs}, epochs=3, optimizer=Spy(lr=0.1), grads=[grad_w], progress=False)
+    r = fit(loss, [w], {"x": xs}, epochs=3, optimizer=Spy(lr=0.1), grads=[grad_w], progress=False, backend="numpy")
     assert r.history.steps == 3 * 2 == len(seen)  # 10 // 4 batches per epoch, the rest dropped
-    r = fit(loss, [w], {"x": xs}, epochs=3, optimizer="sgd", grads=[grad_w], drop_last=False, progress=False)
+    r = fit(loss, [w], {"x": xs}, epochs=3, optimizer="sgd", grads=[grad_w], drop_last=False, progress=False,
+            backend="numpy")
     assert r.history.steps == 3 * 3 and len(r.history.epoch_loss) == 3
-    r = fit(loss, [w], {"x": xs}, steps=5, epochs=100, grads=[grad_w], progress=False, batch_size=4)
+    r = fit(loss, [w], {"x": xs}, steps=5, epochs=100, grads=[grad_w], progress=False, batch_size=4, backend="numpy")
     assert r.history.steps == 5 and len(r.history.epoch_loss) == 3
-    r = fit(loss, [w], {"x": xs[:, :2]}, steps=2, grads=[grad_w], drop_last=False, progress=False)
+    r = fit(loss, [w], {"x": xs[:, :2]}, steps=2, grads=[grad_w], drop_last=False, progress=False, backend="numpy")
     assert r.history.steps == 2  # 2 examples repeated into a batch of 4
     with pytest.raises(ValueError, match="fewer than one batch"):
-        fit(loss, [w], {"x": xs[:, :2]}, grads=[grad_w], progress=False)
+        fit(loss, [w], {"x": xs[:, :2]}, grads=[grad_w], progress=False, backend="numpy")
     with pytest.raises(ValueError, match="batch_size=8.*batch size 4"):
-        fit(loss, [w], {"x": xs}, grads=[grad_w], batch_size=8, progress=False)
+        fit(loss, [w], {"x": xs}, grads=[grad_w], batch_size=8, progress=False, backend="numpy")
     with pytest.raises(ur.ShapeError, match="scalar loss"):
-        TrainStep(x * 2.0, [w], grads=[grad_w])
+        TrainStep(x * 2.0, [w], grads=[grad_w], backend="numpy")
     with pytest.raises(TypeError, match="expected parameters"):
-        TrainStep(loss, [x], grads=[grad_w])
+        TrainStep(loss, [x], grads=[grad_w], backend="numpy")
     with pytest.raises(ValueError, match="positive threshold"):
-        TrainStep(loss, [w], grads=[grad_w], clip=("norm", 0))
+        TrainStep(loss, [w], grads=[grad_w], clip=("norm", 0), backend="numpy")
     with pytest.raises(KeyError, match="no entry for parameter"):
-        TrainStep(loss, [w], grads=[grad_w], values={})
+        TrainStep(loss, [w], grads=[grad_w], values={}, backend="numpy")
 
 
 def test_fit_stops_on_non_finite_loss_and_keeps_finite_values():
     loss, params, grads, dataset = _linear_regression(dtype="float64")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = fit(loss, params, dataset, epochs=50, optimizer=SGD(lr=10.0), grads=grads, progress=False)
+        result = fit(loss, params, dataset, epochs=50, optimizer=SGD(lr=10.0), grads=grads, progress=False,
+                     backend="numpy")
     assert result.history.stopped is not None and "not finite" in result.history.stopped
     assert any("fit stopped" in str(w.message) for w in caught)
     assert all(np.all(np.isfinite(v)) for v in result.params.values())
@@ -320,7 +322,7 @@ def test_fit_eval_every_and_continue_training():
     loss, params, grads, dataset = _linear_regression()
     calls = []
     first = fit(loss, params, dataset, steps=25, grads=grads, eval_every=10, progress=False,
-                eval_fn=lambda v: calls.append(1) or {"mse": 0.5})
+                eval_fn=lambda v: calls.append(1) or {"mse": 0.5}, backend="numpy")
     assert [s for s, _ in first.history.evals] == [10, 20] and first.history.evals[0][1] == {"mse": 0.5}
     more = fit(loss, None, dataset, steps=5, trainer=first.trainer, progress=False)
     assert more.trainer is first.trainer and first.trainer.steps == 30
@@ -328,10 +330,10 @@ def test_fit_eval_every_and_continue_training():
     def stop_at_30(values):
         raise ur.StopTraining("enough")
     stopped = fit(loss, params, dataset, epochs=10, grads=grads, eval_every=30, eval_fn=stop_at_30,
-                  progress=False)
+                  progress=False, backend="numpy")
     assert stopped.history.steps == 30 and stopped.history.stopped == "step 30: enough"
     with pytest.raises(ValueError, match="steps must be a positive int"):
-        fit(loss, params, dataset, steps=0, grads=grads)
+        fit(loss, params, dataset, steps=0, grads=grads, backend="numpy")
 
 
 # ---- end to end: ur.grad + ur.nn ------------------------------------------------------------------
@@ -357,7 +359,7 @@ def test_train_step_matches_torch_training_an_lstm():
     t_lstm, t_head = torch.nn.LSTM(2, H).double(), torch.nn.Linear(H, 1).double()
     t_lstm.load_state_dict({k[len("lstm."):]: torch.tensor(v) for k, v in lstm.state_dict().items()})
     t_head.load_state_dict({k[len("head."):]: torch.tensor(v) for k, v in head.state_dict().items()})
-    step = TrainStep(loss, [lstm, head], optimizer=Adam(lr=0.05), clip=0.5)
+    step = TrainStep(loss, [lstm, head], optimizer=Adam(lr=0.05), clip=0.5, backend="numpy")
     t_params = list(t_lstm.parameters()) + list(t_head.parameters())
     t_opt = torch.optim.Adam(t_params, lr=0.05)
     xs, ys = data.adding_problem(3 * B, T, seed=4, dtype=np.float64)
@@ -385,7 +387,7 @@ def test_lstm_learns_the_adding_problem():
     T, B, H = 50, 64, 32
     lstm, head, predict_for, loss = _lstm_regressor(T, B, H)
     x_eval, y_eval = data.adding_problem(1000, T, seed=12345)
-    predict = ur.compile(predict_for(1000))
+    predict = ur.compile(predict_for(1000), backend="numpy")
     x_train, y_train = data.adding_problem(20000, T, seed=1)
 
     def held_out_mse(values):
@@ -396,7 +398,7 @@ def test_lstm_learns_the_adding_problem():
 
     start, cpu_start = time.perf_counter(), time.process_time()
     result = fit(loss, [lstm, head], {"x": x_train, "y": y_train}, steps=1500, optimizer=Adam(lr=0.02),
-                 clip=1.0, eval_fn=held_out_mse, eval_every=25, progress=False, seed=0)
+                 clip=1.0, eval_fn=held_out_mse, eval_every=25, progress=False, seed=0, backend="numpy")
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     final = float(np.mean((predict(x=x_eval, **result.params) - y_eval) ** 2))
     print(f"\nadding problem T={T}: {result.history.steps} steps, {seconds:.1f} s ({cpu:.1f} s CPU), "
@@ -414,7 +416,7 @@ def test_train_step_options_give_the_same_gradients_and_models_round_trip(tmp_pa
     T, B, H = 7, 2, 3
     lstm, head, _, loss = _lstm_regressor(T, B, H, dtype="float64")
     xb, yb = data.adding_problem(B, T, seed=6, dtype=np.float64)
-    plain = TrainStep(loss, [lstm, head])
+    plain = TrainStep(loss, [lstm, head], backend="numpy")
     loss0, grads0 = plain.gradients({"x": xb, "y": yb})
     for options in (dict(optimize=True), dict(policy=ur.Recompute()), dict(policy=ur.Checkpoint(3))):
         other = TrainStep(loss, [lstm, head], **options)
@@ -423,15 +425,15 @@ def test_train_step_options_give_the_same_gradients_and_models_round_trip(tmp_pa
         for name in grads0:
             np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-9, atol=1e-12, err_msg=str(options))
     initial = {k: v.copy() for k, v in {**lstm.state_dict(), **head.state_dict()}.items()}
-    result = fit(loss, [lstm, head], {"x": xb, "y": yb}, steps=3, progress=False)
+    result = fit(loss, [lstm, head], {"x": xb, "y": yb}, steps=3, progress=False, backend="numpy")
     save_params(tmp_path / "model.npz", result.params)
     lstm.load_state_dict({k: v for k, v in initial.items() if k.startswith("lstm.")})
     head.load_state_dict({k: v for k, v in initial.items() if k.startswith("head.")})
-    assert TrainStep(loss, [lstm, head]).evaluate({"x": xb, "y": yb}) == pytest.approx(loss0)
+    assert TrainStep(loss, [lstm, head], backend="numpy").evaluate({"x": xb, "y": yb}) == pytest.approx(loss0)
     loaded = load_params(tmp_path / "model.npz")
     lstm.load_state_dict({k: v for k, v in loaded.items() if k.startswith("lstm.")})
     head.load_state_dict({k: v for k, v in loaded.items() if k.startswith("head.")})
-    again = TrainStep(loss, [lstm, head])
+    again = TrainStep(loss, [lstm, head], backend="numpy")
     assert again.evaluate({"x": xb, "y": yb}) == result.trainer.evaluate({"x": xb, "y": yb}) < loss0
 
 
@@ -439,10 +441,10 @@ def test_progress_bar_shows_running_loss(monkeypatch, capsys):
     import unroll.train.loop as loop_module
     monkeypatch.setattr(loop_module, "_show_progress", lambda progress: progress)
     loss, params, grads, dataset = _linear_regression()
-    fit(loss, params, dataset, epochs=2, grads=grads, progress=True, eval_fn=lambda v: 0.25)
+    fit(loss, params, dataset, epochs=2, grads=grads, progress=True, eval_fn=lambda v: 0.25, backend="numpy")
     err = capsys.readouterr().err
     assert "24/24" in err and "loss=" in err and "eval=0.25" in err
-    fit(loss, params, dataset, epochs=1, grads=grads, progress=False)
+    fit(loss, params, dataset, epochs=1, grads=grads, progress=False, backend="numpy")
     assert capsys.readouterr().err == ""
 
 
@@ -451,7 +453,7 @@ def test_train_step_numba_backend_matches_numpy():
     T, B, H = 7, 2, 3
     lstm, head, _, loss = _lstm_regressor(T, B, H, dtype="float64")
     xb, yb = data.adding_problem(B, T, seed=6, dtype=np.float64)
-    loss0, grads0 = TrainStep(loss, [lstm, head]).gradients({"x": xb, "y": yb})
+    loss0, grads0 = TrainStep(loss, [lstm, head], backend="numpy").gradients({"x": xb, "y": yb})
     numba_step = TrainStep(loss, [lstm, head], backend="numba")
     loss1, grads1 = numba_step.gradients({"x": xb, "y": yb})
     assert loss1 == pytest.approx(loss0, rel=1e-12)

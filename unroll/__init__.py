@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-from .compile import Compiled, FeedError, compile
+from .compile import Compiled, FeedError, FeedValueError, compile
 from .dsl import (full, graph, init_values, input, log_softmax, logsumexp, map, ones, param, scan,
                   softmax, softplus, stack, zeros)
 from .ir.build import (abs, add, argmax, broadcast_to, cast, concat, const, div, equal, exp, greater,
                        greater_equal, less, less_equal, log, log1p, matmul, max, maximum, mean,
                        minimum, mul, neg, not_equal, onehot, pad, pow, recip, relu, reshape, sigmoid,
-                       sign, slice_axis, split, sqrt, stop_gradient, sub, sum, tanh, transpose, where)
+                       sign, sin, cos, slice_axis, split, sqrt, stop_gradient, sub, sum, tanh, transpose, where)
 from .ir.node import Graph, Node
 from .ir.ops import ShapeError
 from .ir.optimize import explain, optimize
@@ -32,12 +32,12 @@ from .train import (SGD, Adam, AdamW, RMSprop, StopTraining, TrainStep, clip_by_
 __version__ = "0.1.0"
 
 __all__ = [
-    "Compiled", "FeedError", "Graph", "Node", "ShapeError", "VerifyError", "abs", "add", "argmax",
+    "Compiled", "FeedError", "FeedValueError", "Graph", "Node", "ShapeError", "VerifyError", "abs", "add", "argmax",
     "broadcast_to", "cast", "compile", "concat", "const", "div", "equal", "exp", "explain", "full", "graph",
     "greater", "greater_equal", "init_values", "input", "less", "less_equal", "log", "log1p",
     "log_softmax", "logsumexp", "map", "matmul", "max", "maximum", "mean", "minimum", "mul", "neg", "nn",
     "not_equal", "onehot", "ones", "optimize", "pad", "param", "pow", "recip", "relu", "reshape", "scan",
-    "sigmoid", "sign", "slice_axis", "softmax", "softplus", "split", "sqrt", "stack",
+    "sigmoid", "sign", "sin", "cos", "slice_axis", "softmax", "softplus", "split", "sqrt", "stack",
     "stop_gradient", "sub", "sum", "tanh", "transpose", "unroll", "verify", "where", "zeros",
     "draw", "to_dot", "to_networkx", "ParseError", "parse", "print_graph",
     "GradientFlow", "gradient_flow", "plot_gradient_flow",

@@ -22,6 +22,9 @@ NRT, PyTorch and XLA. Where /proc is not writable it falls back to tracemalloc (
 
     python -m unroll.bench --cells lstm gru --configs tiny small 32,8,16,64 --out benchmarks/results
     run_bench(cells=("lstm",), configs=("tiny",))   -> dict with "header" and "rows"
+
+From the command line the results always land on disk: bench.json, bench.md and bench.png in --out
+(default ./unroll_bench), and the last line says where. run_bench writes only when given out_dir.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ BACKENDS = ("numba", "cuda")
 CELLS = ("rnn", "lstm", "gru", "tcn")
 TCN_LEVELS, TCN_KERNEL = 4, 3
 PEERS = ("torch", "jax")
+DEFAULT_OUT = "unroll_bench"  # the command line's --out: a run's numbers are never only on the screen
+BENCH_EXTRA = 'pip install -e ".[bench]"'  # the extra that brings PyTorch and JAX (pyproject.toml)
 
 Step = Callable[[], Any]
 
@@ -511,8 +516,9 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
     head["rows measured"] = "each in its own process" if isolate else "in one process"
     head["busy processes beside the benchmark (--load)"] = load
     say(format_header(head))
-    if not have["jax"]:
-        say("jax: not installed, skipped (pip install jax jaxlib)")
+    missing = missing_peers_line(have)
+    if missing:
+        say(missing)
     rows: list[Row] = []
     with BusyLoad(load):
         _run_rows(rows, cells, configs, impls, ablations, repeats, budget_s, numpy_max_steps, memory, backend,
@@ -521,9 +527,17 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
     result["table"] = format_table(result["rows"])
     say("\n" + result["table"])
     if out_dir:
-        write_results(result, out_dir, plot)
-        say(f"results written to {out_dir}")
+        written = write_results(result, out_dir, plot)
+        say(f"results written to {', '.join(written)}")
     return result
+
+
+def missing_peers_line(have: dict[str, bool]) -> str | None:
+    """One line naming the peers that are not installed and the extra that installs them, or None."""
+    missing = [p for p in PEERS if not have.get(p)]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)}: not installed, skipped; {BENCH_EXTRA} adds them"
 
 
 def _run_rows(rows: list[Row], cells: Sequence[str], configs: Sequence[str], impls: Sequence[str] | None,
@@ -605,18 +619,22 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: dict[str, Any], out_dir: str, plot: bool = True) -> None:
+def write_results(result: dict[str, Any], out_dir: str, plot: bool = True) -> list[str]:
+    """Write bench.json, bench.md and (with matplotlib) bench.png into out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+    written = [os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.md")]
+    with open(written[0], "w") as f:
         json.dump({k: v for k, v in result.items() if k != "table"}, f, indent=1, default=str)
-    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+    with open(written[1], "w") as f:
         f.write("# unroll bench: one float32 training step (forward + BPTT, MSE on every step)\n\n")
         f.write("```\n" + format_header(result["header"]) + "\n```\n\n" + result["table"] + "\n")
     if plot:
         try:
             plot_results(result["rows"], os.path.join(out_dir, "bench.png"))
+            written.append(os.path.join(out_dir, "bench.png"))
         except ImportError:
             pass
+    return written
 
 
 def plot_results(rows: Sequence[dict], path: str) -> None:
@@ -654,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ablations", action="store_true", help="also numba with each pass switched off")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per row")
-    parser.add_argument("--out", default=None, help="directory for bench.json, bench.md, bench.png")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"directory for bench.json, bench.md, bench.png (default: ./{DEFAULT_OUT})")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--load", type=int, default=0, metavar="N",

@@ -172,7 +172,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description=f"Run an example task from examples/ and print its result.\n\ntasks:\n{lines}")
     p.add_argument("task", choices=list(TASKS), help="which task")
     p.add_argument("--epochs", type=_positive, default=None, help="epochs (default: the task's own)")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy", help="default numpy")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: numba when installed, else numpy (each example's docstring states "
+                        "its numbers for --backend numpy, the reference)")
     p.add_argument("--hidden", type=_positive, default=None, help="hidden size (default: the task's own)")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     p.add_argument("--seed", type=int, default=0)
@@ -181,9 +183,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .compile import default_backend
     from .tasks import run_task
     try:
-        result = run_task(args.task, quick=args.quick, backend=args.backend, epochs=args.epochs,
+        result = run_task(args.task, quick=args.quick, backend=args.backend or default_backend(), epochs=args.epochs,
                           hidden=args.hidden, seed=args.seed)
     except FileNotFoundError as err:
         print(f"unroll train: {err}", file=sys.stderr)

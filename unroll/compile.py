@@ -7,21 +7,28 @@ that declaration and the user's `optimize=` / `passes=` into the list a backend 
 runs exactly that list (the Numba backend first looks for a recorded result of it in its cache).
 A module may set `FLEXIBLE_SHAPES = True` when its code reads sizes from the arrays (then only
 ranks, dtypes and the non-time/batch dims fixed by the weights are checked by the backend itself).
+
+Fed values are also checked against the graph's run-time conditions (`ir/checks.py`: a sequence
+length within 1..T), on the host before any backend runs, so every backend raises the same error.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .backends import BACKENDS
+from .ir.checks import FeedCheck, FeedError, FeedValueError, feed_checks
 from .ir.constants import lift_array_constants
 from .ir.loops import merge_loops
 from .ir.node import Graph, Node
 from .ir.ops import FLOAT_DTYPES, INT_DTYPES
 from .ir.optimize import PASSES as KNOWN_PASSES
+
+__all__ = ["Compiled", "FeedError", "FeedValueError", "compile", "pass_pipeline"]
 
 Pass = Any  # a pass name, a Graph -> Graph function, or a (name, function) pair
 
@@ -29,21 +36,19 @@ Pass = Any  # a pass name, a Graph -> Graph function, or a (name, function) pair
 _VARIANTS = {"fuse_cells": ("fuse_top_level",)}
 
 
-class FeedError(ValueError):
-    """The arrays passed to a compiled graph do not match its inputs."""
-
-
 class Compiled:
     """A compiled graph: call it with arrays by input name; it returns arrays in output order."""
 
     def __init__(self, graph: Graph, backend: str, run: Callable[[list[np.ndarray]], list[np.ndarray]],
-                 single: bool, flexible_shapes: bool = False, impl: Any = None) -> None:
+                 single: bool, flexible_shapes: bool = False, impl: Any = None,
+                 checks: list[FeedCheck] | None = None) -> None:
         self.graph = graph
         self.backend = backend
         self.single = single
         self.flexible_shapes = flexible_shapes
         self.impl = impl  # the backend's object (generated source lives there)
         self._run = run
+        self.checks = checks if checks is not None else feed_checks(graph)
 
     @property
     def input_names(self) -> list[str]:
@@ -73,6 +78,12 @@ class Compiled:
                 arrays.append(_check_device_array(name, node, value))
             else:
                 arrays.append(_coerce(name, node, value, self.flexible_shapes))
+        for check in self.checks:
+            value = arrays[self.graph.inputs.index(check.input)]
+            if hasattr(value, "__cuda_array_interface__"):  # a device array: its host copy (lengths are small)
+                value = value.copy_to_host() if hasattr(value, "copy_to_host") else None
+            if value is not None:
+                check.run(np.asarray(value))
         return arrays
 
     def __call__(self, **feeds: Any) -> Any:
@@ -146,10 +157,25 @@ def backend_module(backend: str) -> Any:
     return importlib.import_module(BACKENDS[backend])
 
 
-def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", optimize: bool = True,  # noqa: A001
+@functools.cache
+def default_backend() -> str:
+    """The backend `compile`, `fit` and `TrainStep` use when none is named: "numba" when Numba
+    imports (the fastest on a CPU), else "numpy" (the reference interpreter). Decided once."""
+    try:
+        importlib.import_module("numba")
+    except Exception:  # noqa: BLE001 - missing or broken: the reference still runs everything
+        return "numpy"
+    return "numba"
+
+
+def compile(outputs: Node | Sequence[Node] | Graph, backend: str | None = None, optimize: bool = True,  # noqa: A001
             passes: dict | None = None, **options: Any) -> Compiled:
     """Compile a node, a list of nodes or a Graph. Called with arrays by input name, the result
     returns one array for a single node, else a list in output order.
+
+    backend: "numba" (Numba CPU code), "numpy" (the reference interpreter: no compile time, the
+    executable spec) or "cuda". Default None: `default_backend()`, i.e. "numba" when Numba imports,
+    else "numpy"; pass backend="numpy" for the reference.
 
     The backend runs `pass_pipeline(backend, optimize, passes)` on the graph first: its own
     declared passes (`unroll.backends.<target>.PASSES`), `passes={"passes": [...]}` to replace
@@ -159,11 +185,13 @@ def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", opti
         graph = outputs
     else:
         graph = Graph.of([outputs] if single else list(outputs))  # type: ignore[list-item]
+    checks = feed_checks(graph)  # from the graph as built: merging and passes may rebuild anchors
     # [loss, *grad(loss)] names the user's forward loop and the gradient's extended copy of it:
     # run the forward once (one graph walk when there is nothing to merge)
     merged = merge_loops(list(graph.outputs))
     if any(a is not b for a, b in zip(merged, graph.outputs)):
         graph = Graph(graph.inputs, tuple(merged), graph.output_names)
+    backend = backend or default_backend()
     module = backend_module(backend)
     # code generators keep scalar constants only: numpy-array operands become inputs fed here
     lifted, constants = (graph, []) if backend == "numpy" else lift_array_constants(graph)
@@ -171,4 +199,4 @@ def compile(outputs: Node | Sequence[Node] | Graph, backend: str = "numpy", opti
     if constants:
         compiled = _FeedingConstants(compiled, constants)
     return Compiled(graph, backend, compiled, single, getattr(module, "FLEXIBLE_SHAPES", False),
-                    impl=getattr(compiled, "impl", compiled))
+                    impl=getattr(compiled, "impl", compiled), checks=checks)

@@ -19,28 +19,31 @@ from .ir.unroll import unroll_loop
 Tree = Any  # a Node, or a tuple/list of Trees, or None
 
 
+def _leaf_shape(what: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """shape as a tuple of ints; a negative dimension is named here, with the leaf and the user's line,
+    rather than by TensorType's generic TypeError."""
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise ShapeError(f"{what}: expected non-negative dimensions, found shape {dims}\n  at {user_location()}")
+    return dims
+
+
 def input(name: str, shape: Sequence[int], dtype: object = "float32") -> Node:  # noqa: A001
     """A named graph input, fed by keyword when the compiled graph is called."""
-    return Node.leaf(Op.INPUT, TensorType(tuple(int(d) for d in shape), normalize_dtype(dtype)), str(name))
+    shape_t = _leaf_shape(f"input {str(name)!r}", shape)
+    return Node.leaf(Op.INPUT, TensorType(shape_t, normalize_dtype(dtype)), str(name))
 
 
 def param(name: str, shape: Sequence[int], init: str | float = "zeros", dtype: object = "float32") -> Node:
     """A trainable input. `init`: "zeros", "ones", "uniform:a" (U(-a, a)), "normal:std",
-    "glorot", or a float a meaning "uniform:a". `init_values` draws values from the spec."""
+    "glorot", or a float a meaning "uniform:a"; anything else is a ValueError here (never a silent
+    default). `init_values` draws values from the spec."""
     spec = f"uniform:{float(init)!r}" if isinstance(init, (int, float)) else str(init)
-    _check_init(spec)
-    return Node.leaf(Op.PARAM, TensorType(tuple(int(d) for d in shape), normalize_dtype(dtype)),
-                     (str(name), spec))
-
-
-def _check_init(spec: str) -> None:
-    kind, _, value = spec.partition(":")
-    if kind in ("zeros", "ones", "glorot") and not value:
-        return
-    if kind in ("uniform", "normal"):
-        float(value)
-        return
-    raise ValueError(f"unknown init spec {spec!r}; expected zeros, ones, glorot, uniform:a or normal:std")
+    problem = b.init_spec_error(spec)
+    if problem is not None:
+        raise ValueError(f"param {str(name)!r}: {problem}; expected {b.INIT_KINDS}\n  at {user_location()}")
+    shape_t = _leaf_shape(f"param {str(name)!r}", shape)
+    return Node.leaf(Op.PARAM, TensorType(shape_t, normalize_dtype(dtype)), (str(name), spec))
 
 
 def init_values(params: Sequence[Node] | Graph, seed: int = 0) -> dict[str, np.ndarray]:
@@ -52,6 +55,10 @@ def init_values(params: Sequence[Node] | Graph, seed: int = 0) -> dict[str, np.n
         if node.op is not Op.PARAM:
             continue
         name, spec = node.arg  # type: ignore[misc]
+        problem = b.init_spec_error(spec)
+        if problem is not None:  # a node built around ur.param (Node.leaf): refuse rather than guess
+            raise ValueError(f"init_values: param {name!r} has the unknown init spec {spec!r} ({problem}); "
+                             f"expected {b.INIT_KINDS}")
         kind, _, value = spec.partition(":")
         shape, dtype = node.shape, node.dtype
         if kind == "zeros":
@@ -62,7 +69,7 @@ def init_values(params: Sequence[Node] | Graph, seed: int = 0) -> dict[str, np.n
             arr = rng.uniform(-float(value), float(value), shape)
         elif kind == "normal":
             arr = rng.normal(0.0, float(value), shape)
-        else:  # glorot over the last two axes
+        else:  # glorot over the last two axes (init_spec_error admitted no other kind)
             fan_in, fan_out = (shape[-2], shape[-1]) if len(shape) >= 2 else (shape[0], shape[0])
             limit = np.sqrt(6.0 / (fan_in + fan_out))
             arr = rng.uniform(-limit, limit, shape)

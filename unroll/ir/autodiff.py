@@ -148,6 +148,10 @@ VJPS: dict[Op, tuple[Rule, ...] | Rule] = {
     Op.ABS: (lambda g, ans, x: g * b.sign(x),),
     Op.RECIP: (lambda g, ans, x: g * -(ans * ans),),
     Op.LOG1P: (lambda g, ans, x: g / (x + 1),),
+    # d sin = cos, d cos = -sin: recomputed from x (one more transcendental in the backward pass)
+    # rather than saved, since nothing in the forward pass already holds them
+    Op.SIN: (lambda g, ans, x: g * b.cos(x),),
+    Op.COS: (lambda g, ans, x: g * -b.sin(x),),
     Op.ADD: (lambda g, ans, x, y: unbroadcast(g, x.shape),
              lambda g, ans, x, y: unbroadcast(g, y.shape)),
     Op.SUB: (lambda g, ans, x, y: unbroadcast(g, x.shape),

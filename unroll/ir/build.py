@@ -85,6 +85,26 @@ def const_arg(value: object, shape: Sequence[int], dtype: str, what: str = "cons
     return FrozenArray(arr)
 
 
+INIT_KINDS = "zeros, ones, glorot, uniform:a (a >= 0) or normal:std (std >= 0)"
+
+
+def init_spec_error(spec: str) -> str | None:
+    """Why `spec` is not a parameter init spec (INIT_KINDS), or None when it is one. ur.param and
+    the text parser both check with it, so a typo never falls back to some default init."""
+    kind, colon, value = spec.partition(":")
+    if kind in ("zeros", "ones", "glorot"):
+        return None if not colon else f"{kind} takes no value, found {spec!r}"
+    if kind in ("uniform", "normal"):
+        try:
+            number = float(value)
+        except ValueError:
+            return f"{kind} needs a number after ':', found {spec!r}"
+        if not (math.isfinite(number) and number >= 0):
+            return f"{kind} needs a finite number >= 0 after ':', found {spec!r}"
+        return None
+    return f"unknown init kind {kind!r} in {spec!r}"
+
+
 def const(value: object, shape: Sequence[int] | None = None, dtype: str = "float32", what: str = "const"
           ) -> Node:
     """A constant tensor: one value filling `shape` (default ()), or a numpy array (default shape: the
@@ -159,6 +179,8 @@ def abs(x: Node) -> Node: return unary(Op.ABS, x)  # noqa: A001 - mirrors numpy'
 def sign(x: Node) -> Node: return unary(Op.SIGN, x)
 def recip(x: Node) -> Node: return unary(Op.RECIP, x)
 def log1p(x: Node) -> Node: return unary(Op.LOG1P, x)
+def sin(x: Node) -> Node: return unary(Op.SIN, x)
+def cos(x: Node) -> Node: return unary(Op.COS, x)
 def stop_gradient(x: Node) -> Node: return unary(Op.STOP_GRADIENT, x)
 
 
@@ -242,11 +264,26 @@ def onehot(ids: Node, depth: int) -> Node:
 
 
 def reshape(x: Node, *shape: int | Sequence[int]) -> Node:
-    dims = list(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else list(shape)
-    if dims.count(-1) == 1:
-        known = math.prod(d for d in dims if d != -1)
-        dims[dims.index(-1)] = x.tensor_type.size // known if known else 0
-    dims_t = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    """numpy's reshape: one dimension may be -1, inferred from the others. Errors show the shape as
+    written, (-1, 5), not a resolved [6, 5] the user never wrote."""
+    dims = list(shape[0]) if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)) else list(shape)
+    written = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    size = x.tensor_type.size
+    if written.count(-1) > 1 or any(d < -1 for d in written):
+        raise ShapeError(f"reshape: expected dimensions >= 0 and at most one -1, found {written} for {x.type}"
+                         f"\n  at {user_location()}")
+    known = math.prod(d for d in written if d != -1)
+    if -1 in written:
+        if known == 0 or size % known:
+            why = "the others hold 0 elements" if known == 0 else f"{size} is not a multiple of {known}"
+            raise ShapeError(f"reshape: expected a shape with {size} elements for {x.type}, found {written}: "
+                             f"the -1 has no whole size ({why})\n  at {user_location()}")
+        dims_t = tuple(size // known if d == -1 else d for d in written)
+    else:
+        if known != size:
+            raise ShapeError(f"reshape: expected a shape with {size} elements for {x.type}, found {written} "
+                             f"({known} elements)\n  at {user_location()}")
+        dims_t = written
     return x if dims_t == x.shape else Node.make(Op.RESHAPE, (x,), dims_t)
 
 

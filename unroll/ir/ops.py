@@ -7,7 +7,7 @@ Ops and their `arg`:
   const    arg=value                     a tensor filled with one float/int/bool value, or, for a
                                          non-uniform constant (a numpy operand), a FrozenArray of
                                          exactly the node's shape and dtype (build.const decides)
-  unary    (neg exp log tanh sigmoid relu sqrt abs sign recip log1p)
+  unary    (neg exp log tanh sigmoid relu sqrt abs sign recip log1p sin cos)
   binary   (add sub mul div pow max min) numpy broadcasting
   compare  (lt le gt ge eq ne)           numpy broadcasting, result dtype bool
   where    src=(cond, a, b)              numpy broadcasting
@@ -99,6 +99,8 @@ class Op(enum.Enum):
     SIGN = "sign"
     RECIP = "recip"
     LOG1P = "log1p"
+    SIN = "sin"
+    COS = "cos"
     # binary
     ADD = "add"
     SUB = "sub"
@@ -137,7 +139,7 @@ class Op(enum.Enum):
 
 
 UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.TANH, Op.SIGMOID, Op.RELU, Op.SQRT, Op.ABS, Op.SIGN,
-                   Op.RECIP, Op.LOG1P})
+                   Op.RECIP, Op.LOG1P, Op.SIN, Op.COS})
 BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAX, Op.MIN})
 COMPARE = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
 ELEMENTWISE = UNARY | BINARY | COMPARE | frozenset({Op.WHERE, Op.CAST, Op.STOP_GRADIENT})

@@ -32,6 +32,7 @@ ELEMENTWISE_IMPLS: dict[Op, Impl] = {
     Op.NEG: np.negative, Op.EXP: np.exp, Op.LOG: np.log, Op.TANH: np.tanh, Op.SIGMOID: _sigmoid,
     Op.RELU: lambda x: np.maximum(x, 0).astype(x.dtype), Op.SQRT: np.sqrt, Op.ABS: np.abs,
     Op.SIGN: np.sign, Op.RECIP: lambda x: (1 / x).astype(x.dtype), Op.LOG1P: np.log1p,
+    Op.SIN: np.sin, Op.COS: np.cos,
     Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide, Op.POW: np.power,
     Op.MAX: np.maximum, Op.MIN: np.minimum,
     Op.LT: np.less, Op.LE: np.less_equal, Op.GT: np.greater, Op.GE: np.greater_equal,

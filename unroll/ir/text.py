@@ -79,7 +79,7 @@ from typing import Callable
 
 import numpy as np
 
-from .build import const_arg
+from .build import INIT_KINDS, const_arg, init_spec_error
 from .node import Graph, LoopInfo, Node, NodeType, nested_body, toposort
 from .ops import DTYPE_SHORT, INT_DTYPES, REDUCE, SHORT_DTYPE, FrozenArray, Op, ShapeError, TensorType
 
@@ -390,7 +390,10 @@ class _Cursor:
         while not self.take("]"):
             if dims:
                 self.expect(",", "',' or ']' in a shape")
-            dims.append(self.int("a dimension"))
+            dim = self.int("a dimension")
+            if dim < 0:  # TensorType would refuse it without the line
+                raise ParseError(f"line {self.lineno}: expected a dimension >= 0, found {dim}\n  {self.line.strip()}")
+            dims.append(dim)
         return TensorType(tuple(dims), dtype)
 
     def value(self) -> object:
@@ -527,6 +530,8 @@ class _Scope:
     started: bool = False  # a statement was read (a signature must come first)
     outputs: tuple[Node, ...] | None = None
     output_names: tuple[str, ...] | None = None
+    # input/param name -> (op, line) that declared it; one dict for the whole text (bodies share it)
+    leaf_lines: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def parse(text: str) -> Graph:
@@ -568,7 +573,7 @@ def parse(text: str) -> Graph:
             scope.started = True
             header = _statement(c, scope, side)
             if header is not None:
-                stack.append(_Scope(header=header))
+                stack.append(_Scope(header=header, leaf_lines=scope.leaf_lines))
         else:
             raise c.error("a statement '%name = op ...', 'return', '^body(...):' or '}'")
     if len(stack) > 1:
@@ -698,9 +703,19 @@ def _statement(c: _Cursor, scope: _Scope, side: dict[str, str]) -> _Header | Non
         tok = c.peek()
         init = json.loads(c.kind("str", "")) if tok is not None and tok.kind == "str" else \
             c.kind("word", "an init spec like uniform:0.125")
+        problem = init_spec_error(init)
+        if problem is not None:  # ur.param refuses it too; init_values would have no way to draw it
+            raise ParseError(f"line {c.lineno}: param {json.dumps(pname)}: {problem}; expected {INIT_KINDS}"
+                             f"\n  {c.line.strip()}")
         arg = (pname, init)
     elif op is Op.CONST:
-        arg = _parse_array(c) if c.at("[") else c.bool() if c.at("true") or c.at("false") else c.value()
+        if c.at("["):
+            arg = _parse_array(c)
+        elif c.at("true") or c.at("false"):
+            arg = c.bool()
+        else:
+            text = c.kind("num", "a number, true, false or an array like [1.0, 2.0] after const")
+            arg = float(text) if any(ch in text for ch in ".eEn") else int(text)
     elif op is Op.ARG:
         arg = c.value()
     elif op is Op.PROJ:
@@ -713,6 +728,8 @@ def _statement(c: _Cursor, scope: _Scope, side: dict[str, str]) -> _Header | Non
     c.expect(":", "':' and the node's type")
     type_ = c.type()
     c.end()
+    if op in (Op.INPUT, Op.PARAM):
+        _declare_leaf(c, scope, op, arg)
     if op in (Op.INPUT, Op.PARAM, Op.CONST, Op.ARG):
         node = _leaf(c, op, type_, arg, loc)
         if scope.header is None and op in (Op.INPUT, Op.PARAM) and not scope.has_signature:
@@ -722,6 +739,29 @@ def _statement(c: _Cursor, scope: _Scope, side: dict[str, str]) -> _Header | Non
     _side(node, side)
     _define(c, scope, name, node)
     return None
+
+
+def _declare_leaf(c: _Cursor, scope: _Scope, op: Op, arg: object) -> None:
+    """One input or param per name in a text: feeds are matched by name, so a second declaration
+    (of another shape, or the same one) could never be fed apart from the first."""
+    name = arg[0] if op is Op.PARAM else arg  # type: ignore[index]
+    first_op, first_line = scope.leaf_lines.setdefault(name, (op.value, c.lineno))  # type: ignore[arg-type]
+    if first_line != c.lineno:
+        raise ParseError(f"line {c.lineno}: {op.value} {json.dumps(name)}: the name is declared twice (first as "
+                         f"{first_op} at line {first_line}); expected one input or param per name"
+                         f"\n  {c.line.strip()}")
+
+
+def _const_literals(c: _Cursor, arg: object, dtype: str) -> None:
+    """A bool const is written true/false and a number const with numbers, as the printer writes
+    them: `const 2 : bool[]` or `const true : f32[]` would otherwise convert silently."""
+    items = list(np.ravel(np.array(arg, dtype=object))) if isinstance(arg, list) else [arg]
+    for item in items:
+        if isinstance(item, bool) != (dtype == "bool"):
+            expected = "true or false" if dtype == "bool" else "numbers"
+            found = json.dumps(item) if isinstance(item, bool) else repr(item)
+            raise ParseError(f"line {c.lineno}: const: expected {expected} for a {DTYPE_SHORT[dtype]} constant, "
+                             f"found {found}\n  {c.line.strip()}")
 
 
 def _leaf(c: _Cursor, op: Op, type_: NodeType, arg: object, loc: str) -> Node:
@@ -734,6 +774,7 @@ def _leaf(c: _Cursor, op: Op, type_: NodeType, arg: object, loc: str) -> Node:
                 found = f"shape {list(shape)}" if shape is not None else "rows of different lengths"
                 raise ParseError(f"line {c.lineno}: expected an array constant of shape {list(type_.shape)} "
                                  f"(the written type), found {found}\n  {c.line.strip()}")
+        _const_literals(c, arg, type_.dtype)
         try:
             arg = const_arg(arg, type_.shape, type_.dtype)
         except ShapeError as err:

@@ -1,8 +1,25 @@
 """Causal dilated 1-D convolution on seq-first input and Bai, Kolter & Koltun's TCN built from it.
 
-The IR has no conv op: a convolution is pad + one time-shifted slice per tap + one matmul
-(im2col): with the taps stacked on the channel axis, out[t] = concat_j(x_pad[t + j*d]) @ W_flat.T,
-where W_flat[o, j*C_in + c] = weight[o, c, j] (PyTorch's Conv1d layout (out, in, k)).
+The IR has no conv op. A convolution is a sum of shifted products, one per tap: with x viewed as the
+(T*B, C_in) matrix X (time-major rows, so a time shift of s steps is a shift of s*B rows),
+
+    Y = sum_j shift_{s_j}(X) @ W_j.T        W_j = weight[:, :, j] (out, in),  s_j = left - j*d
+
+and shift_s(X) @ W = pad_rows(X[rows that survive the shift] @ W, s*B): a row-wise product commutes
+with shifting rows in and out. So each tap is `pad(slice(X) @ W_j.T)` along the rows and the
+terms are added, the unshifted tap first. No (T, B, k*C_in) im2col copy exists in the graph, and a
+backend that accumulates `acc + pad(a @ b)` into a row range of acc (the Numba backend does: BLAS
+with beta=1 on a view of acc, reading slice(X) as a contiguous row range of X) materialises neither
+the shifted inputs nor the per-tap products: one (T*B, C_out) buffer per conv. The backward pass of
+this form has the same shape, which is why it is written this way: the gradient of a pad is a row
+slice (a view), of a slice a pad, so dX = sum_j pad(dY[rows] @ W_j) accumulates the same way and
+dW_j = X[rows].T @ dY[rows] is a product of two row ranges (no copies either).
+
+Why here and not in an IR pass that recognises im2col (pad + slices + concat + matmul): the sum of
+shifted products is simply the definition of the convolution, as short to write as im2col, while
+the pass would have to match the pad/slice/concat/reshape/transposed-weight pattern (and its
+backward) exactly and break silently on any variation. Here every backend, the numpy reference
+included, sees the cheap form, and nothing needs to be recognised.
 """
 
 from __future__ import annotations
@@ -13,7 +30,6 @@ from typing import Sequence
 
 from ..ir import build as b
 from ..ir.node import Node
-from .layers import flat_matmul
 from .module import Module, Sequential
 
 
@@ -47,15 +63,31 @@ class Conv1d(Module):
 
     def forward(self, x: Node) -> Node:
         self.check_input(x, (None, None, self.in_channels), "input x (T, B, channels)")
-        steps, k, d = x.shape[0], self.kernel_size, self.dilation
+        steps, batch = x.shape[0], x.shape[1]
+        k, d = self.kernel_size, self.dilation
         span = (k - 1) * d
         left = span if self.causal else span // 2
-        padded = b.pad(x, ((left, span - left), (0, 0), (0, 0)))
-        taps = [b.slice_axis(padded, 0, j * d, j * d + steps) for j in range(k)]
-        columns = b.concat(taps, -1)                                  # (T, B, k * in), tap-major
-        w_flat = b.reshape(b.transpose(self.weight, (0, 2, 1)), (self.out_channels, k * self.in_channels))
-        y = flat_matmul(columns, w_flat.T)
+        rows = b.reshape(x, (steps * batch, self.in_channels))      # time-major rows: X
+        # out[t] += x[t - s] @ W_j.T for tap j, s = left - j*d (s > 0 looks back, s < 0 ahead);
+        # taps that shift everything out (|s| >= T) contribute nothing. Unshifted tap first: the
+        # sum starts from a plain product, the others accumulate into its buffer
+        taps = sorted((j for j in range(k) if abs(left - j * d) < steps), key=lambda j: abs(left - j * d))
+        y = None
+        for j in taps:
+            s = left - j * d
+            lo, hi = max(s, 0), max(-s, 0)               # output rows zero-filled at the start, end
+            src = b.slice_axis(rows, 0, hi * batch, (steps - lo) * batch) if s else rows
+            term = b.pad(src @ self._tap_weight(j), ((lo * batch, hi * batch), (0, 0)))
+            y = term if y is None else y + term
+        if y is None:                                    # every tap shifted out (T <= |shifts|)
+            y = b.const(0, (steps * batch, self.out_channels), x.dtype)
+        y = b.reshape(y, (steps, batch, self.out_channels))
         return y + self.bias if self.has_bias else y
+
+    def _tap_weight(self, j: int) -> Node:
+        """W_j.T (in, out): tap j's weight slice, transposed (a view for BLAS, no copy)."""
+        w = self.weight if self.kernel_size == 1 else b.slice_axis(self.weight, 2, j, j + 1)
+        return b.reshape(w, (self.out_channels, self.in_channels)).T
 
 
 class TemporalBlock(Module):

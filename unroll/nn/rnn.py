@@ -31,7 +31,11 @@ an explicit mask input; see `ur.nn.dropout_feeds`. In eval mode (`module.eval()`
 Variable lengths: `lstm(x, lengths=lens)` (lens an int (B,) input) or a sequence packed by
 `ur.nn.utils.rnn.pack_padded_sequence` compute what torch computes on a PackedSequence: each
 sequence's carries freeze after its last step (h_n is the state at that step), outputs past it are
-zero, and the reverse direction starts at each sequence's own last step.
+zero, and the reverse direction starts at each sequence's own last step. Lengths fed for an input
+are checked when the compiled graph is called, on every backend (`ir/checks.py`): a length outside
+1..T raises `ur.FeedValueError` naming the input, the value and its index (torch's
+pack_padded_sequence rejects lengths <= 0 too; a packed sequence built with enforce_sorted=True
+also needs decreasing lengths).
 """
 
 from __future__ import annotations
@@ -41,8 +45,6 @@ import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import numpy as np
 
 from .. import dsl
 from ..ir import build as b
@@ -240,6 +242,7 @@ class RNNBase(Module):
         (B,) input, gives each sequence's length in a padded batch (see the module docstring)."""
         from .utils.rnn import PackedSequence  # late: utils imports this module
         packed = input if isinstance(input, PackedSequence) else None
+        enforce_sorted = False  # lengths=: any order, as torch with enforce_sorted=False
         if packed is not None:
             if lengths is not None:
                 raise ValueError(f"{self._describe()}: a PackedSequence carries its lengths; do not pass "
@@ -247,6 +250,7 @@ class RNNBase(Module):
             if packed.batch_first != self.batch_first:
                 packed = packed.with_layout(self.batch_first)
             x, lengths = packed.data, packed.lengths
+            enforce_sorted = packed.enforce_sorted
         else:
             x = input
         x, batched = self._check_sequence(x)
@@ -258,7 +262,7 @@ class RNNBase(Module):
         states = self._initial_states(hx, batch, batched)
         valid = None
         if lengths is not None:
-            valid = self._valid_steps(lengths, steps, batch if batched else None)
+            valid = self._valid_steps(lengths, steps, batch if batched else None, enforce_sorted)
         masks = None
         if self.training and self.dropout > 0 and self.num_layers > 1:
             masks = self.dropout_mask((self.num_layers - 1, steps, batch,
@@ -286,7 +290,7 @@ class RNNBase(Module):
             output = b.transpose(output, (1, 0, 2))
         final_state = self._stack(finals, batched)
         if packed is not None:
-            return PackedSequence(output, packed.lengths, self.batch_first), final_state
+            return PackedSequence(output, packed.lengths, self.batch_first, packed.enforce_sorted), final_state
         return output, final_state
 
     def step(self, state: State, x_t: Node) -> tuple[State, Node]:
@@ -340,8 +344,11 @@ class RNNBase(Module):
                              expected)
         return x, x.ndim == 3
 
-    def _valid_steps(self, lengths: Node, steps: int, batch: int | None) -> Node:
-        """(T, B, 1) bool: t < lengths[b]. `batch` None: an unbatched sequence (lengths () or (1,))."""
+    def _valid_steps(self, lengths: Node, steps: int, batch: int | None, enforce_sorted: bool = False) -> Node:
+        """(T, B, 1) bool: t < lengths[b]. `batch` None: an unbatched sequence (lengths () or (1,)).
+        Input lengths are checked when the compiled graph runs: each in 1..T (and decreasing when
+        `enforce_sorted`, from a PackedSequence), the mask being the check's anchor."""
+        from .utils.rnn import SequenceLengths, check_lengths, time_mask
         if not isinstance(lengths, Node) or lengths.dtype not in INT_DTYPES:
             found = lengths.type_str() if isinstance(lengths, Node) else type(lengths).__name__
             raise TypeError(f"{self._describe()}: lengths must be a symbolic int32 or int64 input of "
@@ -352,9 +359,9 @@ class RNNBase(Module):
             raise self._fail(InputShapeError, f"lengths expected shape {want} (one length per sequence), "
                              f"found {list(lengths.shape)}")
         size = batch if batch is not None else 1
-        lens = b.reshape(lengths, (1, size, 1))
-        times = b.const(np.arange(steps).reshape(steps, 1, 1), None, lengths.dtype)
-        return b.less(times, lens)
+        mask = time_mask(lengths, steps, (1, size, 1), enforce_sorted)
+        check_lengths(mask, lengths, SequenceLengths(steps, enforce_sorted, f"{self._describe()} lengths"))
+        return mask
 
     def _initial_states(self, hx: State | None, batch: int, batched: bool) -> list[State]:
         """Per (layer, direction) carries from torch's (L*D, B, H) layout; zeros when hx is None.

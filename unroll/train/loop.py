@@ -153,7 +153,7 @@ def _show_progress(progress: bool) -> bool:
 def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any], *,
         epochs: int | None = None, steps: int | None = None, batch_size: int | None = None,
         optimizer: Optimizer | str | None = "adam", lr: float | None = None, clip: Clip = None,
-        backend: str = "numpy", batch_axes: Mapping[str, int | None] | None = None,
+        backend: str | None = None, batch_axes: Mapping[str, int | None] | None = None,
         shuffle: bool = True, drop_last: bool = True, values: Mapping[str, np.ndarray] | None = None,
         grads: list[Node] | None = None, eval_fn: EvalFn | None = None, eval_every: int | None = None,
         policy: Any = None, optimize: bool = False, progress: bool = True, seed: int = 0,
@@ -171,6 +171,8 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
     progress: a tqdm bar with the running mean loss of the epoch, shown only on a terminal.
     Models given in `params` start from their state_dict() and get the trained values loaded
     back at the end (as training a torch module updates it).
+    backend: as in ur.compile; default None: "numba" when Numba imports, else "numpy" (the
+    reference, backend="numpy").
     grads, policy, optimize: how the step's gradients are built and compiled (see TrainStep).
     trainer: an existing TrainStep to continue (then params, optimizer, clip, backend, values,
     grads, policy and optimize are taken from it). Returns FitResult(params, history, trainer).

@@ -4,6 +4,7 @@
     stats = step(x=xb, y=yb)          # forward + BPTT, clip, update; returns StepStats(loss, grad_norm)
 
 `[loss, *grads]` from `ur.value_and_grad(loss, params)` is compiled once with the chosen backend
+(default: "numba" when Numba imports, else "numpy"; backend="numpy" runs the reference interpreter)
 (value_and_grad's loss shares the forward loops with the gradients, so each runs once per step). The step owns its
 parameter values (`step.values`, name -> array, copied at construction) and updates them in place.
 Parameters of the loss that are not in `params` are fed from `values` too but never updated (frozen).
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..compile import Compiled, compile
+from ..compile import Compiled, compile, default_backend
 from ..dsl import init_values
 from ..ir.node import Graph, Node
 from ..ir.ops import Op, ShapeError
@@ -84,7 +85,7 @@ class TrainStep:
 
     def __init__(self, loss: Node, params: Iterable[Any] | Node | None = None, *,
                  optimizer: Optimizer | str | None = "adam", lr: float | None = None, clip: Clip = None,
-                 backend: str = "numpy", values: Mapping[str, np.ndarray] | None = None, seed: int = 0,
+                 backend: str | None = None, values: Mapping[str, np.ndarray] | None = None, seed: int = 0,
                  grads: Sequence[Node] | None = None, policy: Any = None, optimize: bool = False,
                  **compile_options: Any) -> None:
         if not isinstance(loss, Node) or loss.tensor_type.shape != ():
@@ -106,12 +107,12 @@ class TrainStep:
                 raise ShapeError(f"TrainStep: gradient of {p.name!r} has type {g.type_str()}, "
                                  f"expected the parameter's shape {list(p.shape)}")
         self.param_names = [p.name for p in self.params]
-        self.backend = backend
+        self.backend = backend or default_backend()  # numba when it imports, else numpy
         graph = Graph.of([value, *grads])
         if optimize:
             from ..ir.optimize import optimize as run_passes
             graph = run_passes(graph)
-        self.compiled: Compiled = compile(graph, backend=backend, **compile_options)
+        self.compiled: Compiled = compile(graph, backend=self.backend, **compile_options)
         self._compile_options = compile_options
         self._forward: Compiled | None = None
         leaves = Graph.of([loss, *grads]).inputs + tuple(self.params)

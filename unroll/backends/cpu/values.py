@@ -176,3 +176,14 @@ def step_view(val: Val, t: str, plain: bool = False) -> Val:
         f"{val.arr}[{t}:{t} + 1]" if val.arr is not None else None)
     return Val(shape, val.dtype, base=val.base, idx=lambda index: src_idx([t] + list(index)),  # type: ignore[misc]
                arr=arr, plain=(val.plain or plain) and arr is not None, root=val.root)
+
+
+def row_view(val: Val, shape: tuple[int, ...], start: str | int, stop: str | None) -> Val:
+    """Rows [start, stop) of a plain array (stop None: to the end), as a plain array: `arr[a:b]`
+    slices only the first axis, which Numba types as C-contiguous (`arr[a:b, :]` it types 'A'), so
+    BLAS reads or writes the row range in place (a convolution's shifted rows, see nn/conv.py)."""
+    assert val.plain and val.arr is not None, val
+    src_idx = val.idx
+    arr = f"{val.arr}[{start or ''}:{stop or ''}]"
+    return Val(shape, val.dtype, base=val.base, root=val.root, arr=arr, plain=True,
+               idx=lambda i: src_idx(maps.concat_dest(SOURCE, i, 0, start)))  # type: ignore[misc]

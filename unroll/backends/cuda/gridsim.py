@@ -110,7 +110,8 @@ class _IeeeMath(types.SimpleNamespace):
 
 
 IEEE_MATH = _IeeeMath(exp=_ieee(np.exp), log=_ieee(np.log), log1p=_ieee(np.log1p), sqrt=_ieee(np.sqrt),
-                      tanh=_ieee(np.tanh), expm1=_ieee(np.expm1), pow=_ieee2(np.power))
+                      tanh=_ieee(np.tanh), expm1=_ieee(np.expm1), pow=_ieee2(np.power),
+                      sin=_ieee(np.sin), cos=_ieee(np.cos))  # Python's math.sin(inf) raises; libdevice gives nan
 
 
 def _np_dtype(dtype: Any) -> np.dtype:

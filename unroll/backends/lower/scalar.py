@@ -38,6 +38,10 @@ SCALAR_EXPRS: dict[Op, str] = {
     Op.SIGN: "(1.0 if {0} > 0.0 else (-1.0 if {0} < 0.0 else 0.0 * {0}))",
     Op.RECIP: "(1.0 / {0})",
     Op.LOG1P: "math.log1p({0})",
+    # float32 stays float32: Numba types math.sin of a float32 as float32 (llvm.sin.f32, libm's
+    # sinf), numba.cuda calls libdevice's __nv_sinf (full range reduction: no fast-math intrinsics)
+    Op.SIN: "math.sin({0})",
+    Op.COS: "math.cos({0})",
     Op.ADD: "({0} + {1})",
     Op.SUB: "({0} - {1})",
     Op.MUL: "({0} * {1})",
