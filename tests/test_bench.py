@@ -143,3 +143,22 @@ def test_missing_peers_line():
     assert bench.missing_peers_line({"torch": True, "jax": True}) is None
     assert bench.missing_peers_line({"torch": True, "jax": False}) == \
         'jax: not installed, skipped; pip install -e ".[bench]" adds them'
+
+
+def test_cold_rows_start_with_empty_caches(monkeypatch):
+    """--cold: each row's process gets a fresh, empty directory for unroll's and Numba's caches."""
+    import subprocess
+
+    from unroll import bench
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        env = kwargs["env"]
+        seen["dirs"] = (env["UNROLL_CACHE_DIR"], env["NUMBA_CACHE_DIR"])
+        seen["empty"] = os.listdir(env["UNROLL_CACHE_DIR"]) == []
+        return subprocess.CompletedProcess(cmd, 1, "", "boom")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    spec = {"row": {"cell": "lstm", "config": "tiny", "T": 2, "B": 1, "I": 2, "H": 2, "impl": "numba"}}
+    bench.measure_isolated(spec, cold=True)
+    assert seen["empty"] and seen["dirs"][0] == seen["dirs"][1]
+    assert not os.path.exists(seen["dirs"][0])   # removed after the row

@@ -443,16 +443,23 @@ def measure_spec(spec: dict, have: dict[str, bool] | None = None) -> Row:
 _RESULT_MARK = "UNROLL_BENCH_ROW "
 
 
-def measure_isolated(spec: dict, timeout_s: float = 900.0) -> Row:
-    """Measure the row in a fresh Python process (`python -m unroll.bench --worker SPEC`)."""
+def measure_isolated(spec: dict, timeout_s: float = 900.0, cold: bool = False) -> Row:
+    """Measure the row in a fresh Python process (`python -m unroll.bench --worker SPEC`). With
+    `cold`, that process starts with empty unroll and Numba caches (a temporary directory for both),
+    so its first call is a cold compile, as JAX's first call (in-memory jit cache) always is."""
     import subprocess
+    import tempfile
     row = Row(**spec["row"])
-    try:
-        done = subprocess.run([sys.executable, "-m", "unroll.bench", "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        row.note = f"timed out after {timeout_s:.0f} s"
-        return row
+    with tempfile.TemporaryDirectory(prefix="unroll-bench-cold-") as empty:
+        env = dict(os.environ)
+        if cold:
+            env.update(UNROLL_CACHE_DIR=empty, NUMBA_CACHE_DIR=empty)
+        try:
+            done = subprocess.run([sys.executable, "-m", "unroll.bench", "--worker", json.dumps(spec)],
+                                  capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            row.note = f"timed out after {timeout_s:.0f} s"
+            return row
     for line in done.stdout.splitlines():
         if line.startswith(_RESULT_MARK):
             return Row(**json.loads(line[len(_RESULT_MARK):]))
@@ -497,13 +504,15 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
               impls: Sequence[str] | None = None, ablations: bool = False, repeats: int = 20,
               budget_s: float = 3.0, numpy_max_steps: int = 20_000, out_dir: str | None = None,
               plot: bool = True, memory: bool = True, quiet: bool = False,
-              backend: str = "numba", isolate: bool = True, load: int = 0) -> dict[str, Any]:
+              backend: str = "numba", isolate: bool = True, load: int = 0, cold: bool = False
+              ) -> dict[str, Any]:
     """Run the benchmark; returns {"header", "rows", "table"} and writes JSON/markdown/PNG to out_dir.
 
     `impls` restricts implementations by name (e.g. ("numba", "torch")). The numpy reference is
     skipped where T*B*H exceeds `numpy_max_steps` * 1000 (minutes per step). `backend="cuda"` times
     unroll's CUDA backend against PyTorch on the GPU (cuDNN) and JAX instead, configs plus xl.
-    `isolate` measures every row in a process of its own; `load` busy processes run beside it.
+    `isolate` measures every row in a process of its own; `load` busy processes run beside it;
+    `cold` gives each row's process empty caches (its first call is a cold compile; needs isolate).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -515,6 +524,8 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
     head = header()
     head["rows measured"] = "each in its own process" if isolate else "in one process"
     head["busy processes beside the benchmark (--load)"] = load
+    head["first call"] = ("cold: empty unroll/Numba caches per row (--cold)" if cold and isolate
+                          else "unroll's cache as found (a cached step loads instead of compiling)")
     say(format_header(head))
     missing = missing_peers_line(have)
     if missing:
@@ -522,7 +533,7 @@ def run_bench(cells: Sequence[str] = CELLS, configs: Sequence[str] | None = None
     rows: list[Row] = []
     with BusyLoad(load):
         _run_rows(rows, cells, configs, impls, ablations, repeats, budget_s, numpy_max_steps, memory, backend,
-                  isolate, have, say)
+                  isolate, have, say, cold)
     result = {"header": head, "rows": [asdict(r) for r in rows]}
     result["table"] = format_table(result["rows"])
     say("\n" + result["table"])
@@ -542,7 +553,8 @@ def missing_peers_line(have: dict[str, bool]) -> str | None:
 
 def _run_rows(rows: list[Row], cells: Sequence[str], configs: Sequence[str], impls: Sequence[str] | None,
               ablations: bool, repeats: int, budget_s: float, numpy_max_steps: int, memory: bool,
-              backend: str, isolate: bool, have: dict[str, bool], say: Callable[..., None]) -> None:
+              backend: str, isolate: bool, have: dict[str, bool], say: Callable[..., None],
+              cold: bool = False) -> None:
     for cell in cells:
         if cell not in CELLS:
             raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}")
@@ -555,7 +567,7 @@ def _run_rows(rows: list[Row], cells: Sequence[str], configs: Sequence[str], imp
                 if impl == "numpy" and T * B * H > numpy_max_steps * 1000:
                     row.note = "skipped (too slow)"
                 elif isolate:
-                    row = measure_isolated(_row_spec(row, ablations, backend, repeats, budget_s, memory))
+                    row = measure_isolated(_row_spec(row, ablations, backend, repeats, budget_s, memory), cold=cold)
                 else:
                     measure(row, lambda m=make: m(T, B, I, H), repeats, budget_s, memory)
                 rows.append(row)
@@ -680,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run N busy processes beside the benchmark (a loaded machine)")
     parser.add_argument("--same-process", action="store_true",
                         help="measure every row in this process (default: each in its own)")
+    parser.add_argument("--cold", action="store_true",
+                        help="each row's process starts with empty unroll/Numba caches: the first-call "
+                             "column is a cold compile, beside JAX's jit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one row, for measure_isolated
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.worker:
@@ -692,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     run_bench(args.cells, args.configs, args.impls, args.ablations, args.repeats, args.budget,
               out_dir=args.out, plot=not args.no_plot, memory=not args.no_memory, backend=args.backend,
-              isolate=not args.same_process, load=args.load)
+              isolate=not args.same_process, load=args.load, cold=args.cold)
     return 0
 
 
