@@ -2,7 +2,9 @@
 
 Each README code block that prints something is paired here with the block of output under it;
 the test executes the code (in a fresh namespace, with numpy's default printing) and compares the
-text. Timings and sizes that vary between machines are not in these blocks. "Coming from PyTorch /
+text. Timings and sizes that vary between machines are not in these blocks; the one path shown
+(the shape error's `at file:line`) is compared as a pattern, and checked to name the test's own
+line. docs/bptt_example.py runs as a script for the truncation-bias block. "Coming from PyTorch /
 JAX" runs every block; the torch and JAX originals run where those are installed and are compared
 with their unroll ports numerically (loss and every gradient)."""
 
@@ -132,3 +134,76 @@ def test_the_jax_port_computes_jaxs_loss_and_gradients(ports):
     np.testing.assert_allclose(float(ours["loss_v"]), float(theirs["loss"]), rtol=1e-5)
     for got, want in zip(ours["grads_v"], theirs["grads"], strict=True):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+# ---- Your own cell: the shape error a mistake raises ------------------------------------------------
+
+def test_a_shape_mistake_names_the_op_both_shapes_and_the_users_line():
+    """The README's cell with W_h where W_x belongs (x_t @ W_h: f32[16,8] @ f32[32,32]) raises the
+    ShapeError the README shows; its `at` line names this file and the line of the mistake."""
+    import unroll as ur
+    section = _section("Your own cell")
+    cell, shown = _blocks(section)[0][1], _blocks(section)[1][1]
+    assert "h = ur.tanh(x_t @ W_x + h @ W_h + b)" in cell  # the line the mistake below miswrites
+    message, at = shown.strip().split("\n")
+
+    T, B, I, H = 50, 16, 8, 32
+    x = ur.input("x", (T, B, I))
+    W_x, W_h, b = ur.param("W_x", (I, H), 0.1), ur.param("W_h", (H, H), 0.1), ur.param("b", (H,))
+
+    def step(h, x_t):
+        h = ur.tanh(x_t @ W_h + h @ W_h + b)  # the mistake: W_h where W_x belongs
+        return h, h
+
+    mistake_line = step.__code__.co_firstlineno + 1
+    with pytest.raises(ur.ShapeError) as raised:
+        ur.scan(step, ur.zeros((B, H)), x)
+    first, where = str(raised.value).split("\n")
+    assert first == message
+    # the README's path and line are an example's; here they must be this file and the mistake's line
+    assert re.fullmatch(r"  at (.+):(\d+)", at), at
+    found = re.fullmatch(r"  at (.+):(\d+)", where)
+    assert found, where
+    assert os.path.samefile(found.group(1), __file__) and int(found.group(2)) == mistake_line, where
+
+
+# ---- Backprop through time: docs/bptt_example.py's truncation bias ----------------------------------
+
+def test_the_truncation_bias_is_what_docs_bptt_example_prints():
+    """docs/bptt_example.py, run as a user runs it, prints the README's bias lines; the README's
+    excerpt of it is its code."""
+    import subprocess
+    import sys
+    script = os.path.join(ROOT, "docs", "bptt_example.py")
+    source = open(script, encoding="utf-8").read()
+    blocks = _blocks(_section("Backprop through time"))
+    i = next(i for i, (_, body) in enumerate(blocks) if body.startswith("k="))
+    (lang, excerpt), shown = blocks[i - 1], blocks[i][1]
+    assert lang == "python"
+    for line in excerpt.strip().splitlines():
+        code = line.split("#")[0].strip()
+        assert code in source, f"the README quotes {code!r}, which docs/bptt_example.py does not run"
+    printed = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+    assert [s for s in printed.splitlines() if s.startswith("k=")] == shown.strip().splitlines()
+
+
+# ---- Optimizing: the report table --------------------------------------------------------------------
+
+def test_the_optimize_report_is_what_the_readme_shows():
+    """The LSTM training graph the README describes (T=50, B=16, I=32, H=64; the loss `unroll bench`
+    times, MSE over every step, and its gradients w.r.t. the LSTM's parameters) optimized with
+    report=True, which returns (optimized graph, report)."""
+    import unroll as ur
+    shown = next(body for _, body in _blocks(_section("Optimizing")) if body.startswith("pass "))
+    T, B, I, H = 50, 16, 32, 64
+    x, y = ur.input("x", (T, B, I)), ur.input("y", (T, B, H))
+    lstm = ur.nn.LSTM(I, H)
+    out, _ = lstm(x)
+    loss = ur.mean((out - y) ** 2)
+    graph = ur.graph([loss, *ur.grad(loss, lstm.parameters())])
+    optimized, report = ur.optimize(graph, report=True)
+    assert optimized == report.graph
+    assert str(report) == shown.strip()
+    assert str(ur.explain(graph)) == str(report)
+    assert report.diff("hoist").startswith("--- before hoist")
