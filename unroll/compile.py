@@ -27,8 +27,9 @@ from .ir.loops import merge_loops
 from .ir.node import Graph, Node
 from .ir.ops import FLOAT_DTYPES, INT_DTYPES
 from .ir.optimize import PASSES as KNOWN_PASSES
+from .ir.specialize import bind_sizes, canonical_sizes, feed_shapes, is_polymorphic, specialize
 
-__all__ = ["Compiled", "FeedError", "FeedValueError", "compile", "pass_pipeline"]
+__all__ = ["Compiled", "FeedError", "FeedValueError", "PolymorphicCompiled", "compile", "pass_pipeline"]
 
 Pass = Any  # a pass name, a Graph -> Graph function, or a (name, function) pair
 
@@ -92,6 +93,73 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"<Compiled {self.backend}: ({', '.join(self.input_names)}) -> {len(self.graph.outputs)} outputs>"
+
+
+class PolymorphicCompiled:
+    """A compiled shape-polymorphic graph (inputs with named sizes, `ur.input("x", ("T", "B", 8))`).
+
+    A call reads the sizes off the fed arrays (`ir.specialize.bind_sizes`: arrays that disagree about
+    a size are a SizeMismatchError naming both inputs), specialises the graph to them once per set of
+    sizes and runs that. The Numba backend's generated source takes sizes at run time, so the
+    specialisations share one compiled module: a new T or batch size costs the passes and code
+    generation (milliseconds), not a Numba compile (`numba_compiles` stays put; tests check it).
+    Sizes 0 and 1 stay literal in generated code, so a batch of 1 is a module of its own."""
+
+    def __init__(self, graph: Graph, single: bool, build: Callable[..., "Compiled"], replays: bool = False
+                 ) -> None:
+        self.graph = graph
+        self.single = single
+        self._build = build
+        self._replays = replays
+        self.template: Compiled | None = None
+        self.specializations: dict[tuple[tuple[str, int], ...], Compiled] = {}
+        self.last: Compiled | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.graph.input_names
+
+    @property
+    def backend(self) -> str | None:
+        return self.last.backend if self.last is not None else None
+
+    @property
+    def source(self) -> str | None:
+        return self.last.source if self.last is not None else None
+
+    @property
+    def impl(self) -> Any:
+        return self.last.impl if self.last is not None else None
+
+    def for_sizes(self, **sizes: int) -> "Compiled":
+        """The concrete compiled graph for these sizes (built on first use). On a backend that can
+        replay (`respecialize`), the graph is first compiled once at canonical sizes (distinct
+        primes: no two sizes coincide, so no size names merge) and every set of sizes replays that
+        generation, sharing its compiled code; sizes that cannot (a size of 1, written as a literal)
+        compile on their own, once."""
+        key = tuple(sorted((k, int(v)) for k, v in sizes.items()))
+        compiled = self.specializations.get(key)
+        if compiled is None:
+            if self._replays and self.template is None:
+                self.template = self._build(specialize(self.graph, canonical_sizes(self.graph)))
+            templates = ([self.template] if self.template is not None else []) + list(self.specializations.values())
+            compiled = self.specializations[key] = self._build(specialize(self.graph, dict(key)), templates)
+        self.last = compiled
+        return compiled
+
+    def __call__(self, **feeds: Any) -> Any:
+        names = self.input_names
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise FeedError(f"compiled graph: missing {', '.join(map(repr, missing))}; expected inputs: "
+                            f"{', '.join(names)}")
+        sizes = bind_sizes(self.graph, feed_shapes([feeds[n] for n in names]))
+        out = self.for_sizes(**sizes)(**feeds)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"<PolymorphicCompiled ({', '.join(f'{n}: {t.type}' for n, t in zip(self.input_names, self.graph.inputs))})"
+                f" -> {len(self.graph.outputs)} outputs, {len(self.specializations)} specialisations>")
 
 
 class _FeedingConstants:
@@ -179,23 +247,48 @@ def compile(outputs: Node | Sequence[Node] | Graph, backend: str | None = None, 
 
     The backend runs `pass_pipeline(backend, optimize, passes)` on the graph first: its own
     declared passes (`unroll.backends.<target>.PASSES`), `passes={"passes": [...]}` to replace
-    them, `passes={"disable": ("hoist",)}` to drop some, `optimize=False` for none."""
+    them, `passes={"disable": ("hoist",)}` to drop some, `optimize=False` for none.
+
+    A graph whose inputs have named sizes (`ur.input("x", ("T", "B", 8))`) compiles to a
+    `PolymorphicCompiled`: it runs every size, reading the sizes off the feeds."""
     single = isinstance(outputs, Node)
     if isinstance(outputs, Graph):
         graph = outputs
     else:
         graph = Graph.of([outputs] if single else list(outputs))  # type: ignore[list-item]
+    backend = backend or default_backend()
+    if is_polymorphic(graph):   # symbolic sizes: one concrete graph per set of sizes, built on call
+        replays = hasattr(backend_module(backend), "respecialize") and not options
+        return PolymorphicCompiled(graph, single, lambda concrete, templates=(): _compile_concrete(
+            concrete, single, backend, optimize, passes, options, templates), replays)
+    return _compile_concrete(graph, single, backend, optimize, passes, options)
+
+
+def _compile_concrete(graph: Graph, single: bool, backend: str, optimize: bool, passes: dict | None,
+                      options: dict, templates: Sequence["Compiled"] = ()) -> "Compiled":
+    """compile() of a graph with concrete sizes. With `templates` (other specialisations of the same
+    polymorphic graph, compiled before), a backend that can (`respecialize`) reuses their code."""
     checks = feed_checks(graph)  # from the graph as built: merging and passes may rebuild anchors
     # [loss, *grad(loss)] names the user's forward loop and the gradient's extended copy of it:
     # run the forward once (one graph walk when there is nothing to merge)
     merged = merge_loops(list(graph.outputs))
     if any(a is not b for a, b in zip(merged, graph.outputs)):
         graph = Graph(graph.inputs, tuple(merged), graph.output_names)
-    backend = backend or default_backend()
     module = backend_module(backend)
     # code generators keep scalar constants only: numpy-array operands become inputs fed here
     lifted, constants = (graph, []) if backend == "numpy" else lift_array_constants(graph)
-    compiled = module.compile_graph(lifted, passes=pass_pipeline(backend, optimize, passes), **options)
+    pipeline = pass_pipeline(backend, optimize, passes)
+    compiled = None
+    if hasattr(module, "respecialize") and not options:
+        seen = set()
+        for template in templates:   # each distinct module once (a batch of 1 has its own)
+            if id(template.impl.dispatcher) not in seen:
+                seen.add(id(template.impl.dispatcher))
+                compiled = module.respecialize(template.impl, lifted, pipeline)
+                if compiled is not None:
+                    break
+    if compiled is None:
+        compiled = module.compile_graph(lifted, passes=pipeline, **options)
     if constants:
         compiled = _FeedingConstants(compiled, constants)
     return Compiled(graph, backend, compiled, single, getattr(module, "FLEXIBLE_SHAPES", False),

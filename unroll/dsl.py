@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .ir import build as b
+from .ir.dims import Dim, as_dim
 from .ir.node import Graph, LoopInfo, Node, fresh_scope, proj, substitute, toposort, user_location
 from .ir.ops import Op, ShapeError, TensorType, normalize_dtype
 from .ir.unroll import unroll_loop
@@ -22,8 +23,8 @@ Tree = Any  # a Node, or a tuple/list of Trees, or None
 def _leaf_shape(what: str, shape: Sequence[int]) -> tuple[int, ...]:
     """shape as a tuple of ints; a negative dimension is named here, with the leaf and the user's line,
     rather than by TensorType's generic TypeError."""
-    dims = tuple(int(d) for d in shape)
-    if any(d < 0 for d in dims):
+    dims = tuple(as_dim(d) for d in shape)   # a name ("T") is a symbolic size (ir.dims)
+    if any(isinstance(d, int) and d < 0 for d in dims):
         raise ShapeError(f"{what}: expected non-negative dimensions, found shape {dims}\n  at {user_location()}")
     return dims
 
@@ -43,6 +44,9 @@ def param(name: str, shape: Sequence[int], init: str | float = "zeros", dtype: o
     if problem is not None:
         raise ValueError(f"param {str(name)!r}: {problem}; expected {b.INIT_KINDS}\n  at {user_location()}")
     shape_t = _leaf_shape(f"param {str(name)!r}", shape)
+    if any(isinstance(d, Dim) for d in shape_t):
+        raise ShapeError(f"param {str(name)!r}: a parameter's shape is fixed, found the symbolic size "
+                         f"in {tuple(str(d) for d in shape_t)}\n  at {user_location()}")
     return Node.leaf(Op.PARAM, TensorType(shape_t, normalize_dtype(dtype)), (str(name), spec))
 
 

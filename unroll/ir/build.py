@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .dims import (Dim, SizeRatio, SymbolicSizeError, assume_le, exact_quotient, is_symbolic, size,
+                   slice_indices, slice_length)
 from .node import Node, user_location
 from .ops import FLOAT_DTYPES, INT_DTYPES, FrozenArray, Op, ShapeError, TensorType, normalize_dtype
 
@@ -113,7 +115,14 @@ def const(value: object, shape: Sequence[int] | None = None, dtype: str = "float
     dtype = normalize_dtype(dtype)
     if shape is None:
         shape = np.shape(value) if isinstance(value, (np.ndarray, FrozenArray, list, tuple)) else ()
-    shape_t = tuple(int(d) for d in shape)
+    shape_t = tuple(size(d) for d in shape)
+    if isinstance(value, SizeRatio):   # a constant computed from symbolic sizes (a mean's 1/count)
+        if dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"{what}: a ratio of sizes ({value}) needs a float constant, found {dtype}")
+        return Node.leaf(Op.CONST, TensorType(shape_t, dtype), value)
+    if is_symbolic(shape_t) and isinstance(value, (np.ndarray, FrozenArray, list, tuple)) and np.ndim(value):
+        raise SymbolicSizeError(f"{what}: an array constant cannot fill the symbolic shape "
+                                f"{tuple(str(d) for d in shape_t)}\n  at {user_location()}")
     return Node.leaf(Op.CONST, TensorType(shape_t, dtype), const_arg(value, shape_t, dtype, what))
 
 
@@ -124,8 +133,8 @@ def _lift(op: Op, x: Value, like: Node) -> Node:
     if isinstance(x, (np.ndarray, np.generic)) and x.dtype.kind in "biuf":
         arr = np.asarray(x)
         kind = arr.dtype.kind
-    elif isinstance(x, (bool, int, float)):
-        arr, kind = None, "b" if isinstance(x, bool) else "f" if isinstance(x, float) else "i"
+    elif isinstance(x, (bool, int, float, SizeRatio)):
+        arr, kind = None, "b" if isinstance(x, bool) else "i" if isinstance(x, int) else "f"
     else:
         raise TypeError(f"{op.value}: expected an unroll value, a number or a numpy array, found "
                         f"{type(x).__name__}\n  at {user_location()}")
@@ -267,21 +276,23 @@ def reshape(x: Node, *shape: int | Sequence[int]) -> Node:
     """numpy's reshape: one dimension may be -1, inferred from the others. Errors show the shape as
     written, (-1, 5), not a resolved [6, 5] the user never wrote."""
     dims = list(shape[0]) if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)) else list(shape)
-    written = tuple(int(d) for d in dims)  # type: ignore[arg-type]
-    size = x.tensor_type.size
-    if written.count(-1) > 1 or any(d < -1 for d in written):
+    written = tuple(size(d) for d in dims)
+    count = x.tensor_type.size
+    if written.count(-1) > 1 or any(isinstance(d, int) and d < -1 for d in written):
         raise ShapeError(f"reshape: expected dimensions >= 0 and at most one -1, found {written} for {x.type}"
                          f"\n  at {user_location()}")
     known = math.prod(d for d in written if d != -1)
+    shown = tuple(str(d) if isinstance(d, Dim) else d for d in written)
     if -1 in written:
-        if known == 0 or size % known:
-            why = "the others hold 0 elements" if known == 0 else f"{size} is not a multiple of {known}"
-            raise ShapeError(f"reshape: expected a shape with {size} elements for {x.type}, found {written}: "
+        whole = exact_quotient(count, known) if known != 0 else None
+        if whole is None:
+            why = "the others hold 0 elements" if known == 0 else f"{count} is not a multiple of {known}"
+            raise ShapeError(f"reshape: expected a shape with {count} elements for {x.type}, found {shown}: "
                              f"the -1 has no whole size ({why})\n  at {user_location()}")
-        dims_t = tuple(size // known if d == -1 else d for d in written)
+        dims_t = tuple(whole if d == -1 else d for d in written)
     else:
-        if known != size:
-            raise ShapeError(f"reshape: expected a shape with {size} elements for {x.type}, found {written} "
+        if known != count:
+            raise ShapeError(f"reshape: expected a shape with {count} elements for {x.type}, found {shown} "
                              f"({known} elements)\n  at {user_location()}")
         dims_t = written
     return x if dims_t == x.shape else Node.make(Op.RESHAPE, (x,), dims_t)
@@ -293,7 +304,7 @@ def transpose(x: Node, perm: Sequence[int] | None = None) -> Node:
 
 
 def broadcast_to(x: Node, shape: Sequence[int]) -> Node:
-    shape_t = tuple(int(d) for d in shape)
+    shape_t = tuple(size(d) for d in shape)
     return x if shape_t == x.shape else Node.make(Op.BROADCAST, (x,), shape_t)
 
 
@@ -310,7 +321,7 @@ def concat(xs: Sequence[Node], axis: int = 0) -> Node:
 def slice_axis(x: Node, axis: int, start: int, stop: int, step: int = 1) -> Node:
     """x[..., start:stop:step, ...] on one axis (Python slice rules for negative/oversized bounds)."""
     axis = axis % x.ndim
-    start, stop, step = slice(start, stop, step).indices(x.shape[axis])
+    start, stop, step = slice_indices(start, stop, step, x.shape[axis])
     if step < 0:
         raise ShapeError(f"slice: negative steps are not supported, found {step}\n  at {user_location()}")
     triples = tuple((start, stop, step) if i == axis else (0, d, 1) for i, d in enumerate(x.shape))
@@ -339,7 +350,7 @@ def split(x: Node, sections: int | Sequence[int], axis: int = -1) -> list[Node]:
 
 
 def pad(x: Node, pads: Sequence[tuple[int, int]]) -> Node:
-    pads_t = tuple((int(lo), int(hi)) for lo, hi in pads)
+    pads_t = tuple((size(lo), size(hi)) for lo, hi in pads)
     return x if all(p == (0, 0) for p in pads_t) else Node.make(Op.PAD, (x,), pads_t)
 
 
@@ -368,16 +379,16 @@ def getitem(x: Node, index: object) -> Node:
     triples, keep = [], []
     for axis, (item, dim) in enumerate(zip(items, x.shape)):
         if isinstance(item, slice):
-            start, stop, step = item.indices(dim)
+            start, stop, step = slice_indices(item.start, item.stop, item.step, dim)
             if step <= 0:
                 raise ShapeError(f"index: negative steps are not supported\n  at {user_location()}")
             triples.append((start, stop, step))
-            keep.append(len(range(start, stop, step)))
+            keep.append(slice_length(start, stop, step) if assume_le(start, stop) else 0)
         elif isinstance(item, (int, np.integer)):
-            if not -dim <= item < dim:
+            if not (assume_le(-dim, int(item)) and assume_le(int(item) + 1, dim)):
                 raise ShapeError(f"index: {item} out of range for axis {axis} of {x.type}"
                                  f"\n  at {user_location()}")
-            i = int(item) % dim
+            i = dim + int(item) if item < 0 else int(item)
             triples.append((i, i + 1, 1))
         else:
             raise TypeError(f"index: unsupported index {item!r}; use ints and slices")

@@ -79,6 +79,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .dims import Dim, assume_le, size, slice_length
+
 import numpy as np
 
 
@@ -160,14 +162,14 @@ SHORT_DTYPE = {v: k for k, v in DTYPE_SHORT.items()}
 class TensorType:
     """A static shape and a dtype name (one of DTYPES)."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]   # ints, or symbolic sizes (ir.dims.Dim) in a shape-polymorphic graph
     dtype: str
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise TypeError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
-        if not all(isinstance(d, int) and d >= 0 for d in self.shape):
-            raise TypeError(f"shape must be a tuple of non-negative ints, found {self.shape!r}")
+        if not all(isinstance(d, Dim) or (isinstance(d, int) and d >= 0) for d in self.shape):
+            raise TypeError(f"shape must be a tuple of non-negative ints or sizes, found {self.shape!r}")
 
     @property
     def size(self) -> int:
@@ -364,7 +366,7 @@ def _argmax(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
 def _onehot(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
     if ts[0].dtype not in INT_DTYPES:
         raise ShapeError(f"onehot: expected an integer tensor of class ids, found {ts[0]}")
-    return TensorType(ts[0].shape + (int(arg),), "float32")  # type: ignore[call-overload]
+    return TensorType(ts[0].shape + (size(arg),), "float32")
 
 
 def _reshape(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
@@ -409,10 +411,12 @@ def _slice(op: Op, ts: Sequence[TensorType], arg: object) -> TensorType:
         raise ShapeError(f"slice: expected one (start, stop, step) per axis of {t}, found {triples}")
     shape = []
     for (start, stop, step), dim in zip(triples, t.shape):
-        if step <= 0 or not 0 <= start <= dim or not 0 <= stop <= dim:
+        # symbolic bounds: what holds for every size is checked here, the rest on the concrete graph
+        if step <= 0 or not (assume_le(0, start) and assume_le(start, dim) and assume_le(0, stop)
+                             and assume_le(stop, dim)):
             raise ShapeError(f"slice: expected 0 <= start, stop <= {dim} and step > 0, "
                              f"found ({start}, {stop}, {step}) on {t}")
-        shape.append(len(range(start, stop, step)))
+        shape.append(slice_length(start, stop, step) if assume_le(start, stop) else 0)
     return TensorType(tuple(shape), t.dtype)
 
 

@@ -79,6 +79,7 @@ from typing import Callable
 
 import numpy as np
 
+from .dims import Dim, SizeRatio
 from .build import INIT_KINDS, const_arg, init_spec_error
 from .node import Graph, LoopInfo, Node, NodeType, nested_body, toposort
 from .ops import DTYPE_SHORT, INT_DTYPES, REDUCE, SHORT_DTYPE, FrozenArray, Op, ShapeError, TensorType
@@ -95,7 +96,7 @@ def _bool(value: object) -> str:
 
 
 def _tuple(values: object) -> str:
-    return "(" + ",".join(str(int(v)) for v in values) + ")"  # type: ignore[union-attr]
+    return "(" + ",".join(str(v if isinstance(v, Dim) else int(v)) for v in values) + ")"  # type: ignore[union-attr]
 
 
 def _scalar_text(value: object, dtype: str) -> str:
@@ -117,6 +118,8 @@ def _const_text(node: Node) -> str:
     dtype = node.type.dtype  # type: ignore[union-attr]
     if isinstance(node.arg, FrozenArray):
         return _array_text(node.arg.array, dtype)
+    if isinstance(node.arg, SizeRatio):   # printed, not parsed: see ir/dims.py
+        return str(node.arg)
     return _scalar_text(node.arg, dtype)
 
 

@@ -55,6 +55,7 @@ from .. import cache
 from . import threads
 from . import codegen
 from .codegen import UnsupportedOp
+from .values import ReplayMismatch
 
 FLEXIBLE_SHAPES = False  # sizes are run-time parameters of the code, but a Graph's shapes are static
 
@@ -202,6 +203,7 @@ class NumbaKernel:
         self.dims = np.array(dims, dtype=np.int64)
         self.fk = np.array(floats, dtype=np.float64)
         self.max_macs = max_macs  # of the lowered graph (threads.choose)
+        self.size_log: list[tuple[str, str]] | None = None   # its codegen's size names (respecialize)
         self.blas = np.array([BLAS_SETTER, 1, 1], dtype=np.int64)  # setter, threads outside/inside loops
         self._scalar_out = [o.type.ndim == 0 for o in graph.outputs]  # type: ignore[union-attr]
         self._in_dtypes = [np.dtype("bool" if n.dtype == "bool" else n.dtype) for n in graph.inputs]
@@ -291,10 +293,36 @@ def compile_graph(graph: Graph, passes: Sequence = PASSES, cache_dir: str | None
             raise _explain(err, cg, path, first_line) from None
     max_macs = largest_product(lowered)
     kernel = NumbaKernel(graph, cg.dim_values, cg.float_values, fn_source, path, dispatcher, from_cache, max_macs)
+    kernel.size_log = cg.dims.log
     if record is not None and [n.type for n in lowered.inputs] == [n.type for n in graph.inputs]:
         with contextlib.suppress(OSError):  # an unwritable cache only loses the shortcut
             cache.write_atomic(record, json.dumps({"module": os.path.basename(path), "dims": cg.dim_values,
                                                    "floats": cg.float_values, "max_macs": max_macs}))
+    return kernel
+
+
+def respecialize(template: NumbaKernel, graph: Graph, passes: Sequence = PASSES) -> NumbaKernel | None:
+    """The kernel for `graph`, which differs from the graph `template` was compiled for only in its
+    sizes (two specialisations of one shape-polymorphic graph): its passes and code generation are
+    replayed against the template's (`values.Dims` replay) and must give the template's source
+    exactly; then it shares the template's compiled code with its own run-time sizes, with no Numba
+    compile, even where its sizes coincide (T == B). None where the replay diverges (a size of 0 or
+    1 written as a literal, a size-dependent choice): the caller compiles `graph` on its own."""
+    log = getattr(template, "size_log", None)
+    if log is None:   # a template loaded from a cache record: generate its log (no Numba work)
+        log = template.size_log = codegen.generate(prepare_graph(template.graph, passes)).dims.log
+    lowered = prepare_graph(graph, passes)
+    try:
+        cg = codegen.generate(lowered, replay=log)
+        dims, floats = cg.dims.replayed_values()
+    except ReplayMismatch:
+        return None
+    if cg.source != template.source or len(cg.dims.log) != len(log):  # type: ignore[attr-defined]
+        return None
+    STATS["respecialized"] += 1
+    kernel = NumbaKernel(graph, dims, floats, template.source, template.path, template.dispatcher, True,
+                         largest_product(lowered))
+    kernel.size_log = log
     return kernel
 
 
@@ -387,4 +415,5 @@ def _explain(err: Exception, cg: codegen.Codegen, path: str, first_line: int) ->
                              f"generated source at {where}.\nNumba said: {first}\n" + "\n".join(detail[1:]))
 
 
-__all__ = ["FLEXIBLE_SHAPES", "NumbaBackendError", "NumbaKernel", "STATS", "UnsupportedOp", "compile_graph"]
+__all__ = ["FLEXIBLE_SHAPES", "NumbaBackendError", "NumbaKernel", "STATS", "UnsupportedOp", "compile_graph",
+           "respecialize"]

@@ -52,10 +52,11 @@ class Block:
 class Codegen:
     """Generates the source of one function for one graph. `generate()` returns the source text."""
 
-    def __init__(self, graph: Graph, fn_name: str = "kernel") -> None:
+    def __init__(self, graph: Graph, fn_name: str = "kernel", replay: Sequence[tuple[str, str]] | None = None
+                 ) -> None:
         self.graph = graph
         self.fn_name = fn_name
-        self.dims = Dims()
+        self.dims = Dims(replay)   # replay: another generation's size names (see values.Dims)
         self.counter = 0
         self.loop_depth = 0
         self.arg_names = _arg_names(graph)
@@ -161,9 +162,10 @@ class Codegen:
             returned.append(val.arr)
         top.add(1, f"return ({''.join(r + ', ' for r in returned)})")
         header = [(0, f"def {self.fn_name}({', '.join(self.arg_names + ['dims', 'fk', 'blas'])}):", None)]
-        for k in range(len(self.dims.values)):
+        n_ints, floats = self.dims.parameters()
+        for k in range(n_ints):
             header.append((1, f"n{k} = dims[{k}] & {SIZE_MASK}", None))
-        for (dtype, _), name in self.dims.floats.items():
+        for name, dtype in floats:
             header.append((1, f"{name} = np.{dtype}(fk[{int(name[1:])}])", None))
         body: list[tuple[int, str, Node | None]] = []
         top.flatten(body)
@@ -196,8 +198,10 @@ def _arg_names(graph: Graph) -> list[str]:
     return names
 
 
-def generate(graph: Graph, fn_name: str = "kernel") -> Codegen:
-    """Generate the source for `graph`; the Codegen carries the source lines, dims and floats."""
-    cg = Codegen(graph, fn_name)
+def generate(graph: Graph, fn_name: str = "kernel", replay: Sequence[tuple[str, str]] | None = None
+             ) -> Codegen:
+    """Generate the source for `graph`; the Codegen carries the source lines, dims and floats.
+    `replay`: another generation's `dims.log`, whose names this one reuses (values.Dims)."""
+    cg = Codegen(graph, fn_name, replay)
     cg.source = cg.generate()  # type: ignore[attr-defined]
     return cg

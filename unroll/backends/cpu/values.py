@@ -9,6 +9,7 @@ be called per element read)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -65,18 +66,65 @@ class Dims:
     that happened to equal a size (a TCN's padding 8 and a batch of 8) changed the source for a new
     T or B: another module and, for a TCN, another 40 s compile. Equal sizes (T == I) still give
     another, equally valid, source. 0 and 1 stay literal (size-1 axes, unit steps), so B = 1 is a
-    module of its own."""
+    module of its own.
 
-    def __init__(self) -> None:
+    Replay (shape-polymorphic graphs, `ir/specialize.py`): every call's result is logged. Given the
+    log of another graph's generation (`replay`), each call returns what that one returned and, where
+    it was a name, records this graph's value for it (`replayed`), so a graph that differs only in
+    sizes gets that graph's source exactly, with its own run-time values, even where its sizes
+    coincide (T == B) and would otherwise merge names. Any divergence -- another kind of call, a
+    literal that differs, one name given two values -- raises ReplayMismatch; the caller then
+    generates normally."""
+
+    def __init__(self, replay: Sequence[tuple[str, str]] | None = None) -> None:
         self.ints: dict[object, str] = {}
         self.values: list[int] = []
         self.floats: dict[tuple[str, float], str] = {}
+        self.log: list[tuple[str, str]] = []
+        self._replay = replay
+        self.replayed: dict[str, float] = {}
 
     def n(self, value: int) -> str:
-        return self._name(int(value), int(value))
+        return self._logged("n", value, self._name(int(value), int(value)))
 
     def offset(self, value: int) -> str:
-        return self._name(int(value), ("offset", len(self.ints)))
+        return self._logged("offset", value, self._name(int(value), ("offset", len(self.ints))))
+
+    def _logged(self, kind: str, value: float, text: str) -> str:
+        if self._replay is not None:
+            k = len(self.log)
+            if k >= len(self._replay) or self._replay[k][0] != kind:
+                raise ReplayMismatch(f"call {k}: {kind}, replayed {self._replay[k] if k < len(self._replay) else 'none'}")
+            expected = self._replay[k][1]
+            if _NAME.fullmatch(expected):
+                if self.replayed.setdefault(expected, value) != value:
+                    raise ReplayMismatch(f"{expected} is {self.replayed[expected]} and {value}")
+                text = expected
+            elif expected != text:
+                raise ReplayMismatch(f"call {k}: {text} where the replayed generation wrote {expected}")
+        self.log.append((kind, text))
+        return text
+
+    def parameters(self) -> tuple[int, list[tuple[str, str]]]:
+        """How many int parameters (n0..) and which float ones (name, dtype) the function reads:
+        its own, or in replay the replayed generation's (coinciding sizes must not drop names)."""
+        if self._replay is None:
+            return len(self.values), [(name, dtype) for (dtype, _), name in self.floats.items()]
+        ints = {name for _, name in self._replay if _NAME.fullmatch(name) and name[0] == "n"}
+        floats = {name: kind[2:] for kind, name in self._replay if _NAME.fullmatch(name) and name[0] == "k"}
+        return len(ints), sorted(floats.items(), key=lambda item: int(item[0][1:]))
+
+    def replayed_values(self) -> tuple[list[int], list[float]]:
+        """The run-time ints and floats, in the replayed generation's order."""
+        ints = [name for kind, name in self._replay or () if _NAME.fullmatch(name) and name[0] == "n"]
+        floats = [name for kind, name in self._replay or () if _NAME.fullmatch(name) and name[0] == "k"]
+        n_ints = len({n for n in ints})
+        n_floats = len({k for k in floats})
+        try:
+            return ([int(self.replayed[f"n{i}"]) for i in range(n_ints)],
+                    [float(self.replayed[f"k{i}"]) for i in range(n_floats)])
+        except KeyError as missing:
+            raise ReplayMismatch(f"{missing} was never given a value") from None
 
     def part_offset(self, extents: Sequence[int], k: int) -> str | None:
         """Where part k of a concatenation of parts with these extents starts (None: at 0). After
@@ -109,15 +157,22 @@ class Dims:
         if dtype not in FLOAT_DTYPES:
             v = int(value)
             if dtype == "bool" or abs(v) <= 2:
-                return SPELLING.literal(v, dtype)
+                return self._logged("fi", v, SPELLING.literal(v, dtype))
             return f"np.{dtype}({'' if v > 0 else '-'}{self.n(abs(v))})"
         value = float(value)
         if math.isinf(value) or math.isnan(value) or _simple(value):
-            return SPELLING.literal(value, dtype)
+            return self._logged(f"f:{dtype}", value, SPELLING.literal(value, dtype))
         key = (dtype, value)
         if key not in self.floats:
             self.floats[key] = f"k{len(self.floats)}"
-        return self.floats[key]
+        return self._logged(f"f:{dtype}", value, self.floats[key])
+
+
+class ReplayMismatch(Exception):
+    """A replayed generation took another path (see Dims)."""
+
+
+_NAME = re.compile(r"[nk]\d+")
 
 
 def _simple(value: float) -> bool:
