@@ -207,3 +207,10 @@ def test_the_optimize_report_is_what_the_readme_shows():
     assert str(report) == shown.strip()
     assert str(ur.explain(graph)) == str(report)
     assert report.diff("hoist").startswith("--- before hoist")
+
+
+def test_the_polymorphic_step_prints_what_the_readme_shows(fresh_cache_dir):
+    blocks = _blocks(_section("Every sequence length and batch size"))
+    (lang, code), (_, shown) = blocks[0], blocks[1]
+    assert lang == "python"
+    assert _run(code).strip() == shown.strip()
