@@ -461,3 +461,22 @@ def test_train_step_numba_backend_matches_numpy():
         np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-9, atol=1e-12, err_msg=name)
     result = fit(loss, [lstm, head], {"x": xb, "y": yb}, steps=3, trainer=numba_step, progress=False)
     assert result.history.steps == 3 and result.history.loss[-1] < loss0
+
+
+def test_train_step_draws_fresh_dropout_masks_unless_the_batch_holds_them():
+    """Like torch in train mode: a new mask per step. A mask the batch holds is used as given."""
+    x, y = ur.input("x", ("T", 3, 4)), ur.input("y", ("T", 3, 8))   # named T: the mask is (1, T, 3, 8)
+    lstm = ur.nn.LSTM(4, 8, num_layers=2, dropout=0.5)
+    lstm.train()
+    out, _ = lstm(x)
+    step = ur.TrainStep(ur.mean((out - y) ** 2), lstm.parameters(), backend="numpy")
+    (mask,) = step.dropout_masks
+    rng = np.random.default_rng(0)
+    batch = dict(x=rng.normal(size=(6, 3, 4)), y=rng.normal(size=(6, 3, 8)))
+    first, second = step.gradients(batch)[0], step.gradients(batch)[0]
+    assert first != second                              # fresh masks
+    fixed = {**batch, mask.name: np.full((1, 6, 3, 8), 2.0, np.float32)}
+    assert step.gradients(fixed)[0] == step.gradients(fixed)[0]
+    lstm.eval()
+    out_eval, _ = lstm(x)
+    assert ur.TrainStep(ur.mean((out_eval - y) ** 2), lstm.parameters(), backend="numpy").dropout_masks == []

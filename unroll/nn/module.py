@@ -56,6 +56,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..ir.dims import evaluate
 from .. import dsl
 from ..ir.node import Graph, Node, user_location
 from ..ir.ops import DTYPE_SHORT, Op, ShapeError, normalize_dtype
@@ -466,15 +467,19 @@ def dropout_feeds(outputs: Node | Sequence[Node] | Graph, seed: int = 0) -> dict
     """Values for every dropout mask input of a graph (built in training mode), drawn from one
     `np.random.default_rng(seed)` in the graph's input order: mask = (u >= p) / (1 - p) with u
     uniform in [0, 1), 0 where p = 1 (torch's F.dropout, inverted scaling). The same graph and seed
-    give the same masks; feed a new seed per training step, as torch draws new masks per call."""
-    graph = outputs if isinstance(outputs, Graph) else dsl.graph(outputs)
-    rng = np.random.default_rng(seed)
+    give the same masks; feed a new seed per training step, as torch draws new masks per call
+    (`ur.TrainStep` and `ur.fit` do that themselves for masks the batch does not hold)."""
+    return draw_masks(dropout_inputs(outputs), np.random.default_rng(seed))
+
+
+def draw_masks(masks: Sequence[Node], rng: np.random.Generator, sizes: dict[str, int] | None = None
+               ) -> dict[str, np.ndarray]:
+    """Fresh values for these mask inputs from `rng`; `sizes` gives named sizes their values (a
+    shape-polymorphic graph's masks are (T, B, H))."""
     feeds: dict[str, np.ndarray] = {}
-    for node in graph.inputs:
-        p = _MASKS.get(node) if node.op is Op.INPUT else None
-        if p is None:
-            continue
-        keep = rng.random(node.shape) >= p
+    for node in masks:
+        p = _MASKS[node]
+        keep = rng.random(evaluate(node.shape, sizes or {})) >= p
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
         feeds[node.name] = (keep * scale).astype(node.dtype)  # type: ignore[index]
     return feeds

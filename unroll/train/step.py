@@ -117,6 +117,10 @@ class TrainStep:
         self._forward: Compiled | None = None
         leaves = Graph.of([loss, *grads]).inputs + tuple(self.params)
         self.inputs: dict[str, Node] = {n.name: n for n in leaves if n.op is Op.INPUT}
+        # dropout masks the batch does not hold are drawn afresh each step, as torch does per call
+        from ..nn.module import dropout_inputs
+        self.dropout_masks = dropout_inputs(Graph.of([loss, *grads]))
+        self._mask_rng = np.random.default_rng([seed, 1])
         all_params = {n.name: n for n in leaves if n.op is Op.PARAM}
         if values is None and self.models:
             values = self._model_values(all_params, seed)
@@ -161,11 +165,18 @@ class TrainStep:
         return out
 
     def _feeds(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        missing = [n for n in self.inputs if n not in batch]
+        drawn = [m for m in self.dropout_masks if m.name not in batch]
+        missing = [n for n in self.inputs if n not in batch and all(n != m.name for m in drawn)]
         if missing:
             raise KeyError(f"TrainStep: the batch has no {', '.join(map(repr, missing))}; inputs: "
                            + ", ".join(f"{n} {node.type}" for n, node in self.inputs.items()))
-        feeds = {n: batch[n] for n in self.inputs}
+        feeds = {n: batch[n] for n in self.inputs if n in batch}
+        if drawn:
+            from ..ir.dims import unify
+            from ..nn.module import draw_masks
+            sizes: dict[str, int] = {}
+            unify(sizes, ((d, a) for n in feeds for d, a in zip(self.inputs[n].shape, np.shape(feeds[n]))))
+            feeds.update(draw_masks(drawn, self._mask_rng, sizes))
         feeds.update(self.values)
         return feeds
 
