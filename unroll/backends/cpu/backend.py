@@ -184,23 +184,10 @@ def _signature(graph: Graph):
 def largest_product(graph: Graph) -> int:
     """The multiply-adds of the graph's largest matmul (a loop body's at its per-step size): what
     decides whether BLAS threads pay (threads.choose). Taken from the lowered graph, after hoisting
-    has turned per-step input projections into one product each. A chain of products accumulated
-    into one buffer (`c + pad(a @ b) + ...`: a convolution's taps, fuse_cells.accumulations) counts
-    as one product of their total: split k ways, a TCN's im2col product would otherwise fall under
-    the threshold and run on one thread (medium 262 -> 383 ms)."""
-    from ...ir.fuse_cells import accumulations
+    has turned per-step input projections into one product each."""
     from ...ir.node import all_nodes
     from ...ir.ops import Op
-
-    def macs(n: Node) -> int:
-        return n.type.size * n.src[0].shape[-1] if n.op is Op.MATMUL else 0  # type: ignore[union-attr]
-    best = max((macs(n) for n, _ in all_nodes(graph)), default=0)
-    sums, chain = accumulations(list(graph.outputs)), {}
-    for n in graph.nodes():
-        if n in sums:
-            chain[n] = sum(chain.get(s, 0) + macs(s.src[0] if s.op is Op.PAD else s) for s in n.src)
-            best = max(best, chain[n])
-    return best
+    return max((n.type.size * n.src[0].shape[-1] for n, _ in all_nodes(graph) if n.op is Op.MATMUL), default=0)
 
 
 class NumbaKernel:
@@ -319,10 +306,8 @@ def respecialize(template: NumbaKernel, graph: Graph, passes: Sequence = PASSES)
     sizes (two specialisations of one shape-polymorphic graph): its passes and code generation are
     replayed against the template's (`values.Dims` replay) and must give the template's source
     exactly; then it shares the template's compiled code with its own run-time sizes, with no Numba
-    compile, even where its sizes coincide (T == B). A name of the template may hold 0 or 1 here:
-    the code reads it at run time like any size. None where the replay diverges (a pass or the code
-    generator chose differently for these sizes, such as a batch of 1 whose broadcasts fold away):
-    the caller compiles `graph` on its own."""
+    compile, even where its sizes coincide (T == B). None where the replay diverges (a size of 0 or
+    1 written as a literal, a size-dependent choice): the caller compiles `graph` on its own."""
     log = getattr(template, "size_log", None)
     if log is None:   # a template loaded from a cache record: generate its log (no Numba work)
         log = template.size_log = codegen.generate(prepare_graph(template.graph, passes)).dims.log
