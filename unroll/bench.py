@@ -30,6 +30,7 @@ From the command line the results always land on disk: bench.json, bench.md and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -450,7 +451,7 @@ def measure_isolated(spec: dict, timeout_s: float = 900.0, cold: bool = False) -
     import subprocess
     import tempfile
     row = Row(**spec["row"])
-    with tempfile.TemporaryDirectory(prefix="unroll-bench-cold-") as empty:
+    with (tempfile.TemporaryDirectory(prefix="unroll-bench-cold-") if cold else contextlib.nullcontext()) as empty:
         env = dict(os.environ)
         if cold:
             env.update(UNROLL_CACHE_DIR=empty, NUMBA_CACHE_DIR=empty)

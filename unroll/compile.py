@@ -154,8 +154,7 @@ class PolymorphicCompiled:
             raise FeedError(f"compiled graph: missing {', '.join(map(repr, missing))}; expected inputs: "
                             f"{', '.join(names)}")
         sizes = bind_sizes(self.graph, feed_shapes([feeds[n] for n in names]))
-        out = self.for_sizes(**sizes)(**feeds)
-        return out
+        return self.for_sizes(**sizes)(**feeds)
 
     def __repr__(self) -> str:
         return (f"<PolymorphicCompiled ({', '.join(f'{n}: {t.type}' for n, t in zip(self.input_names, self.graph.inputs))})"

@@ -306,8 +306,10 @@ def respecialize(template: NumbaKernel, graph: Graph, passes: Sequence = PASSES)
     sizes (two specialisations of one shape-polymorphic graph): its passes and code generation are
     replayed against the template's (`values.Dims` replay) and must give the template's source
     exactly; then it shares the template's compiled code with its own run-time sizes, with no Numba
-    compile, even where its sizes coincide (T == B). None where the replay diverges (a size of 0 or
-    1 written as a literal, a size-dependent choice): the caller compiles `graph` on its own."""
+    compile, even where its sizes coincide (T == B). A name of the template may hold 0 or 1 here:
+    the code reads it at run time like any size. None where the replay diverges (a pass or the code
+    generator chose differently for these sizes, such as a batch of 1 whose broadcasts fold away):
+    the caller compiles `graph` on its own."""
     log = getattr(template, "size_log", None)
     if log is None:   # a template loaded from a cache record: generate its log (no Numba work)
         log = template.size_log = codegen.generate(prepare_graph(template.graph, passes)).dims.log

@@ -116,10 +116,8 @@ class Dims:
 
     def replayed_values(self) -> tuple[list[int], list[float]]:
         """The run-time ints and floats, in the replayed generation's order."""
-        ints = [name for kind, name in self._replay or () if _NAME.fullmatch(name) and name[0] == "n"]
-        floats = [name for kind, name in self._replay or () if _NAME.fullmatch(name) and name[0] == "k"]
-        n_ints = len({n for n in ints})
-        n_floats = len({k for k in floats})
+        n_ints, floats = self.parameters()
+        n_floats = len(floats)
         try:
             return ([int(self.replayed[f"n{i}"]) for i in range(n_ints)],
                     [float(self.replayed[f"k{i}"]) for i in range(n_floats)])
