@@ -343,7 +343,25 @@ def _bool_max_reduction():
                      ur.cast(ur.not_equal(ur.max(m, axis=1), ur.less_equal(x, -0.5)), "float32")]), feeds
 
 
+def _concat_returned_twice_per_step():
+    """A loop step returning one concat as two per-step outputs: the concat got a buffer of its
+    own, and the Numba backend took that for the outputs' ys[t] and never copied it there
+    (uninitialised values, 1e33). Found as `ur.unroll(g, factor=2)` of a loop returning one
+    constant twice (slow job, seed 912; fixed in cpu/loops.py's end of step)."""
+    x = ur.input("x", (3, 2))
+    w = ur.param("w", (2,))
+
+    def step(carry, xt):
+        both = ur.concat([xt * w, w], axis=0)
+        return carry, (both, both)
+
+    _, (first, second) = ur.scan(step, 0.0, x)
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(3, 2), "w": np.array([0.5, -2.0], np.float32)}
+    return ur.graph([first, second]), feeds
+
+
 REGRESSIONS: dict[str, Callable[[], tuple[Graph, dict]]] = {
+    "concat_returned_twice_per_step": _concat_returned_twice_per_step,
     "stop_gradient_of_inlined_abs": _stop_gradient_of_inlined_abs,
     "integer_matmul": _integer_matmul,
     "bool_max_reduction": _bool_max_reduction,

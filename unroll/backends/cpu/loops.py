@@ -96,7 +96,9 @@ def _end_of_step(cg: Codegen, step: Scope, node: Node, outs: list[Val], carries:
     n_h = info.n_carry
     carry_outs = list(info.body.outputs[:n_h])
     for j, o in enumerate(info.body.outputs[n_h:]):
-        if o not in step.targets:
+        # a target elsewhere (a concat returned twice writes into its own buffer) still needs the copy
+        target = step.targets.get(o)
+        if target is None or target.base != ys[j].base:
             cg.copy(step, outs[n_h + j], step_view(ys[j], t, plain=True), node)
     swaps, copies = [], []
     swapped: set[Node] = set()
