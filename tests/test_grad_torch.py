@@ -131,6 +131,32 @@ def test_tcn_gradients_match_torch(T, B, I, channels, k, dtype, seed):
                        torch_grads({**dict(ref.named_parameters()), "x": t_x}, t_loss), dtype)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@settings(max_examples=15)
+@given(T=st.integers(1, 9), B=st.integers(1, 3), cin=st.integers(1, 4), cout=st.integers(1, 4),
+       k=st.integers(1, 4), d=st.integers(1, 3), causal=st.booleans(),
+       dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
+def test_conv1d_gradients_match_torch(T, B, cin, cout, k, d, causal, dtype, seed):
+    """Causal and "same" padding: the sum of row-shifted products (nn/conv.py) and its backward,
+    including taps that look ahead and sequences shorter than the kernel's reach."""
+    torch.manual_seed(seed)
+    pad = (k - 1) * d
+    ref = torch.nn.Conv1d(cin, cout, k, dilation=d, padding=pad if causal else "same").to(TORCH_DTYPE[dtype])
+    conv = ur.nn.Conv1d(cin, cout, k, dilation=d, causal=causal, dtype=dtype)
+    load(conv, ref)
+    rng = np.random.default_rng(seed)
+    feeds = {"x": rng.standard_normal((T, B, cin)).astype(dtype),
+             "y": rng.standard_normal((T, B, cout)).astype(dtype), **conv.state_dict()}
+    x = ur.input("x", (T, B, cin), dtype)
+    loss = ur.nn.mse(conv(x), ur.input("y", (T, B, cout), dtype))
+    t_x = torch.tensor(feeds["x"], requires_grad=True)
+    t_out = ref(t_x.permute(1, 2, 0))[:, :, :T].permute(2, 0, 1)
+    t_loss = torch.nn.functional.mse_loss(t_out, torch.from_numpy(feeds["y"]))
+    wrt = {**dict(conv.named_parameters()), "x": x}
+    assert_grads_close(our_grads(loss, wrt, feeds),
+                       torch_grads({**dict(ref.named_parameters()), "x": t_x}, t_loss), dtype)
+
+
 # ---- encoder-decoder ---------------------------------------------------------------------------------
 
 @settings(max_examples=6)

@@ -227,6 +227,21 @@ def test_tcn_levels_dilate_and_downsample_only_when_channels_change() -> None:
         ur.nn.TCN(3, [4], dropout=0.2)
 
 
+def test_conv1d_is_a_sum_of_row_shifted_products_without_im2col() -> None:
+    """Each tap is pad_rows(x_rows[shifted] @ W_j.T) on the (T*B, C) view of x: no concat of taps,
+    no padded copy of x; the shifts are j*d steps of B rows each (nn/conv.py)."""
+    T, B = 6, 2
+    conv = ur.nn.Conv1d(3, 4, 3, dilation=2)
+    g = ur.graph(conv(ur.input("x", (T, B, 3))))
+    ops = [n.op for n in g.nodes()]
+    assert Op.CONCAT not in ops and ops.count(Op.MATMUL) == 3
+    pads = [n for n in g.nodes() if n.op is Op.PAD]
+    assert all(p.src[0].op is Op.MATMUL for p in pads)
+    assert sorted(p.arg for p in pads) == [((2 * B, 0), (0, 0)), ((4 * B, 0), (0, 0))]
+    same = ur.graph(ur.nn.Conv1d(3, 4, 3, dilation=2, causal=False)(ur.input("x", (T, B, 3))))
+    assert sorted(p.arg for p in same.nodes() if p.op is Op.PAD) == [((0, 2 * B), (0, 0)), ((2 * B, 0), (0, 0))]
+
+
 def test_causal_conv_does_not_see_the_future() -> None:
     conv = ur.nn.Conv1d(1, 1, 3, dilation=2)
     x = ur.input("x", (9, 1, 1))

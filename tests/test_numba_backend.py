@@ -4,6 +4,7 @@ for a new sequence length or batch size."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,78 @@ def test_tcn_training_step():
     g = ur.graph([loss, *grad(loss, list(tcn.parameters()))])
     feeds = {**feeds_for(ur.graph([x, y])), **tcn.state_dict()}
     assert_same(g, feeds)
+
+
+def _allocations(source: str, dims: list[int]) -> list[tuple[str, int, int]]:
+    """(buffer, elements, bytes) of every array the generated function allocates, its shape read
+    with the run-time sizes `dims` (n<k> is dims[k])."""
+    import math
+    sizes = {f"n{k}": v for k, v in enumerate(dims)}
+    out = []
+    for name, shape, dtype in re.findall(r"(\w+) = np\.(?:empty|full)\(\(([^)]*)\),.*?np\.(\w+)\)", source):
+        count = math.prod(int(sizes.get(d.strip(), d.strip())) for d in shape.split(",") if d.strip())
+        out.append((name, count, count * np.dtype(dtype).itemsize))
+    return out
+
+
+def test_tcn_step_accumulates_shifted_products_without_im2col():
+    """A causal conv is a sum of row-shifted products (nn/conv.py) that BLAS accumulates into one
+    buffer per conv, forward and backward: the training step allocates no (T, B, k*C) im2col copy
+    (no buffer is larger than T*B*max(C)), and all its buffers together hold at most 30 (T, B, H)
+    float32 arrays' worth (the im2col form allocated 44: its columns, their gradient and copies)."""
+    from unroll.backends.cpu import codegen as numba_codegen
+    T, B, I, H, k = 11, 3, 5, 7, 3
+    x, y = ur.input("x", (T, B, I)), ur.input("y", (T, B, H))
+    tcn = ur.nn.TCN(I, [H, H], kernel_size=k)
+    loss = ur.mean((tcn(x) - y) ** 2)
+    g = ur.graph([loss, *grad(loss, list(tcn.parameters()))])
+    cg = numba_codegen.generate(numba_cpu.prepare_graph(g))
+    allocations = _allocations(cg.source, cg.dim_values)
+    assert max(count for _, count, _ in allocations) <= T * B * max(I, H), allocations
+    assert sum(size for _, _, size in allocations) <= 30 * T * B * H * 4, allocations
+    # the taps' input rows and accumulator rows are views BLAS reads and writes in place
+    assert re.search(r"= rs\d+\[:n\d+\]", cg.source) and re.search(r"= acc\d+\[:n\d+\]", cg.source)
+    assert_same(g, {**feeds_for(ur.graph([x, y])), **tcn.state_dict()})
+
+
+@pytest.mark.parametrize("T,k,d,causal", [(9, 3, 2, True), (5, 4, 3, False), (7, 2, 3, False), (1, 4, 3, False)])
+def test_conv1d_gradients_match_the_reference(T, k, d, causal):
+    """Causal and "same" padding (taps that look ahead: rows padded at the end; the last case
+    shifts every tap out of a 1-step sequence: an empty product), input and weight gradients."""
+    x = ur.input("x", (T, 2, 3), "float64")
+    conv = ur.nn.Conv1d(3, 4, k, dilation=d, causal=causal, dtype="float64")
+    out = conv(x)
+    loss = ur.sum(out * out)
+    g = ur.graph([out, *grad(loss, [x, conv.weight, conv.bias])])
+    assert_same(g, {**feeds_for(ur.graph([x]), seed=T), **conv.state_dict()}, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_sums_of_row_padded_products_in_a_loop_body(optimize):
+    """The accumulations a conv's taps use, inside a time loop (buffers per step, carries swapped):
+    c + pad_rows(a @ w) and pad_rows(a @ w1) + pad_rows(b @ w2), both row offsets at the ends."""
+    x = ur.input("x", (4, 3, 2), "float64")
+    w1, w2 = ur.param("w1", (2, 5), 0.5, dtype="float64"), ur.param("w2", (2, 5), 0.5, dtype="float64")
+
+    def step(h, x_t):
+        top = ur.pad(x_t[1:] @ w1, ((2, 0), (0, 0)))           # rows 2.. of the (4, 5) sum
+        bottom = ur.pad(x_t[:2] @ w2, ((0, 2), (0, 0)))        # rows ..2
+        both = top + bottom
+        h = h + ur.pad(ur.tanh(x_t) @ w2, ((1, 0), (0, 0)))
+        return h, both
+    h, ys = ur.scan(step, ur.zeros((4, 5), "float64"), x)
+    g = ur.graph([h, ys])
+    assert_same(g, {**feeds_for(ur.graph([x])), "w1": np.full((2, 5), 0.3), "w2": np.arange(10.0).reshape(2, 5)},
+                optimize=optimize, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_products_outside_loops():
+    """BLAS is called for empty products too (no size test in the source): no rows or columns
+    write nothing, an empty contraction gives zeros, and added to c leaves c."""
+    a, w = ur.input("a", (0, 3), "float64"), ur.input("w", (3, 4), "float64")
+    p, q, c = ur.input("p", (2, 0), "float64"), ur.input("q", (0, 3), "float64"), ur.input("c", (2, 3), "float64")
+    g = ur.graph([a @ w, p @ q, c + p @ (q + 1.0), ur.exp(c) @ (w[:, :0])])
+    assert_same(g, feeds_for(g), optimize=False, rtol=0, atol=0)
 
 
 def test_truncated_bptt_graph():

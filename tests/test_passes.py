@@ -367,6 +367,18 @@ def test_carry_sum_after_a_matmul_moves_into_the_next_steps_kernel():
     assert_same_values(g, out, random_feeds(g))
 
 
+def test_top_level_sums_of_products_stay_out_of_fused_groups():
+    """fuse_top_level leaves `c + a @ b` and `c + pad_rows(a @ b)` (a conv's taps, nn/conv.py)
+    unfused, so the Numba backend accumulates them in place with BLAS; bias and relu still fuse."""
+    x = ur.input("x", (6, 2, 3))
+    g = ur.graph(ur.relu(ur.nn.Conv1d(3, 4, 3, dilation=2)(x)))
+    out = PASSES["fuse_top_level"](g)
+    sums = [n for n in out.nodes() if n.op is Op.ADD]
+    assert len(sums) == 2 and all(n.src[1].op is Op.PAD and n.src[1].src[0].op is Op.MATMUL for n in sums)
+    assert top_count(out, Op.FUSED) == 1
+    assert_same_values(g, out, random_feeds(g))
+
+
 def test_passes_leave_loop_free_graphs_valid():
     x = ur.input("x", (3, 4))
     g = ur.graph(ur.tanh(x) * 2.0 + 0.0)

@@ -21,7 +21,7 @@ One FUSED node per step is one kernel per step for the Numba/CUDA backends.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from . import build as b
 from .node import Graph, LoopInfo, Node, proj, substitute, toposort
@@ -39,8 +39,30 @@ def fuse_cells(graph: Graph) -> Graph:
 def fuse_top_level(graph: Graph) -> Graph:
     """The graph with its top level's elementwise groups fused (loop bodies untouched): for a
     backend that lowers each top-level op to its own loop nest, where every nest costs compile
-    time (a TCN step has hundreds). A pure Graph -> Graph pass."""
-    return graph_like(graph, fuse_body(list(graph.outputs)))
+    time (a TCN step has hundreds). A pure Graph -> Graph pass.
+
+    Sums that add a product (`c + a @ b`, `c + pad_rows(a @ b)`: a convolution's taps, nn/conv.py)
+    stay out of the groups: the Numba backend runs each as BLAS accumulating into c's buffer
+    (cpu/schedule.py), where a fused sum would read every product from a buffer of its own."""
+    return graph_like(graph, fuse_body(list(graph.outputs), apart=accumulations))
+
+
+def accumulations(outputs: Sequence[Node]) -> set[Node]:
+    """The 2-D sums `c + t` whose term t is a matmul, or a pad of a matmul's rows only, read only
+    by the sum (the pattern cpu/schedule.py accumulates in place)."""
+    use = users(outputs)
+    out_set = set(outputs)
+
+    def only_here(n: Node) -> bool:
+        return n not in out_set and len(use[n]) == 1
+
+    def product(t: Node) -> bool:
+        if t.op is Op.PAD and t.ndim == 2 and t.arg[1] == (0, 0) and only_here(t):  # type: ignore[index]
+            t = t.src[0]
+        return t.op is Op.MATMUL and t.ndim == 2 and only_here(t)
+
+    return {n for n in use if n.op is Op.ADD and n.ndim == 2 and n.src[0].shape == n.src[1].shape
+            and any(product(t) for t in n.src)}
 
 
 def _in_loops(roots: list[Node]) -> list[Node]:
@@ -92,10 +114,11 @@ def defer_carry_sums(ol: OpenLoop) -> list[Callable[[list[Node]], Node]]:
     return finals
 
 
-def fuse_body(outputs: Sequence[Node]) -> list[Node]:
-    """A body's outputs recomputed with its elementwise groups as FUSED nodes."""
+def fuse_body(outputs: Sequence[Node], apart: Callable[[Sequence[Node]], set[Node]] | None = None) -> list[Node]:
+    """A body's outputs recomputed with its elementwise groups as FUSED nodes; `apart(outputs)`
+    names elementwise nodes to leave unfused."""
     outputs = sink_slices(list(outputs))
-    groups = group_elementwise(outputs)
+    groups = group_elementwise(outputs, apart(outputs) if apart is not None else set())
     mapping: dict[Node, Node] = {}
     use = users(outputs)
     out_set = set(outputs)
@@ -158,9 +181,9 @@ def sink_slices(outputs: list[Node]) -> list[Node]:
 
 # ---- grouping -------------------------------------------------------------------------------------
 
-def group_elementwise(outputs: Sequence[Node]) -> list[list[Node]]:
-    """Groups (members in dependency order) of two or more elementwise ops, in an order where a
-    group comes after every group it reads from."""
+def group_elementwise(outputs: Sequence[Node], apart: Collection[Node] = ()) -> list[list[Node]]:
+    """Groups (members in dependency order) of two or more elementwise ops (not those in `apart`),
+    in an order where a group comes after every group it reads from."""
     order = toposort(outputs)
     index = {n: i for i, n in enumerate(order)}
     anc: list[int] = []  # bitmask of each node's ancestors, itself included
@@ -190,7 +213,7 @@ def group_elementwise(outputs: Sequence[Node]) -> list[list[Node]]:
 
     for n in order:
         i = index[n]
-        if n.op not in ELEMENTWISE:
+        if n.op not in ELEMENTWISE or n in apart:
             continue
         bit = 1 << i
         joined: int | None = None

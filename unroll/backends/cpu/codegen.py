@@ -17,7 +17,10 @@ Lowering, by op (see `emitters.EMITTERS`):
   packs that weight once before the loop and runs `gemm.packed_gemm` up to a size chosen at
   run time (BLAS above it), other per-step products run as loops when small; `c + a @ b`
   accumulates in place (beta=1), directly into the carried buffer when it is a loop carry read
-  nowhere else (BPTT weight gradients);
+  nowhere else (BPTT weight gradients), and `c + pad_rows(a @ b)` into the row range of c the
+  pad leaves nonzero (a convolution's taps, nn/conv.py: a chain of them shares one buffer); a
+  range of rows of a C-contiguous array is itself a plain array (`x[a:b]`), so BLAS reads and
+  writes it in place;
 - a LOOP is a `for t in range(...)` in the same function; every per-step buffer is allocated once
   before the outermost loop, per-step outputs are written straight into `ys[t]`, and carries swap
   buffers at the end of a step instead of copying.

@@ -18,7 +18,7 @@ from .gemm import PACKED_MAX_MACS
 from .loops import emit_loop
 from .scalars import SPELLING, max_text, scalar_statements
 from .schedule import Scope
-from .values import Index, Val, bcast, broadcast_val, plain_val, remap
+from .values import Index, Val, bcast, broadcast_val, offset_view, plain_val, remap, row_view
 
 if TYPE_CHECKING:
     from .emit import Codegen
@@ -211,7 +211,7 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
     else generated loops for small products; BLAS above the run-time size limits."""
     a, b = (scope.env[s] for s in node.src)
     if out is None:
-        out = cg.out_for(scope, node, "mm")
+        out = _row_target(cg, scope, node) or cg.out_for(scope, node, "mm")
     if node.ndim != 2:
         emit_batched_matmul(cg, scope, node, a, b, out, accumulate)
         scope.env[node] = out
@@ -240,11 +240,10 @@ def emit_matmul(cg: Codegen, scope: Scope, node: Node, out: Val | None = None, a
     elif scope.alloc is None:
         # outside loops a product runs once per call: BLAS's call cost does not matter and one code
         # path compiles faster (every loop nest costs Numba/LLVM compile time)
-        add(ind, f"if {m} * {k} * {n} > 0:", node)
-        add(ind + 1, blas, node)
-        if not accumulate:
-            add(ind, "else:", node)
-            add(ind + 1, f"{O}[:, :] = {SPELLING.literal(0.0, dtype)}", node)
+        # no test of the sizes: gemm handles empty products as the standard defines (m or n = 0:
+        # nothing to write; k = 0: C = beta * C, zeros for beta = 0), with every leading
+        # dimension at least 1 (a branch and a fill per product cost compile time, ~100 in a TCN)
+        add(ind, blas, node)
     elif b.packed is not None:
         # a packed loop-invariant weight: the micro-kernel up to PACKED_MAX_MACS (one thread, no
         # call or packing cost), BLAS's threads above it. Decided at run time (sizes are dims)
@@ -314,18 +313,71 @@ def emit_batched_matmul(cg: Codegen, scope: Scope, node: Node, a: Val, b: Val, o
 
 
 def emit_add(cg: Codegen, scope: Scope, node: Node) -> None:
+    """`other + a @ b` (or `other + pad_rows(a @ b)`) scheduled as an accumulation (schedule.py):
+    out = other, then BLAS with beta=1 adds the product into out (or into the rows the pad leaves
+    nonzero). `out = other` is free where other's buffer dies here (it becomes the sum's: a chain
+    of convolution taps accumulates in one buffer) or other's product already sits in out's rows."""
     mm = scope.accumulate.get(node)
     if mm is None:
         emit_elementwise(cg, scope, node)
         return
-    other = node.src[0] if node.src[1] is mm else node.src[1]
-    out = cg.out_for(scope, node, "acc")
+    term = scope.row_pads.get(node, mm)
+    other = node.src[0] if node.src[1] is term else node.src[1]
     other_val = scope.env[other]
-    if not (out.plain and other_val.plain and out.base == other_val.base):
-        cg.copy(scope, other_val, out, node)   # out = other, then out += a @ b
-    emit_matmul(cg, scope, mm, out=out, accumulate=True)
+    written = scope.zero_rows.get(node)
+    if written is not None:
+        out = scope.sums[node]   # the padded product `other` is in its rows already
+        _zero_outside(cg, scope, out, written, node)
+    elif _dies_here(scope, node, other, other_val):
+        out = other_val
+        scope.owned[node] = out.base  # type: ignore[assignment]
+    else:
+        out = cg.out_for(scope, node, "acc")
+        if not (out.plain and other_val.plain and out.base == other_val.base and out.arr == other_val.arr):
+            cg.copy(scope, other_val, out, node)   # out = other, then out += a @ b
+    emit_matmul(cg, scope, mm, out=out if term is mm else _pad_rows(cg, out, term, mm.shape),
+                accumulate=True)
     scope.env[node] = out
     scope.env.pop(mm, None)
+
+
+def _dies_here(scope: Scope, node: Node, other: Node, val: Val) -> bool:
+    """Whether the sum `node` may take over other's buffer: a plain array allocated for other, read
+    only by this sum, at the top level (in a loop body buffers are per step and swapped as carries:
+    left as they were), and the sum has no write target of its own."""
+    return (scope.alloc is None and node not in scope.targets and node not in scope.in_place
+            and val.plain and val.shape == node.shape and scope.owned.get(other) == val.base
+            and val.arr == val.base and scope.users.get(other) == [node]
+            and other not in scope.graph.outputs)
+
+
+def _pad_rows(cg: Codegen, out: Val, pad: Node, shape: tuple[int, ...]) -> Val:
+    """The rows of `out` where the row pad `pad` puts its source (a view: plain where out is)."""
+    (lo, hi), total = pad.arg[0], pad.shape[0]  # type: ignore[index]
+    start = cg.dims.offset(lo) if lo else 0
+    if out.plain:
+        return row_view(out, shape, start, cg.dims.offset(total - hi) if hi else None)
+    return offset_view(out, shape, 0, start or None)
+
+
+def _row_target(cg: Codegen, scope: Scope, node: Node) -> Val | None:
+    """Where a padded product whose sum accumulates another product goes: straight into the sum's
+    rows (the sum's buffer is allocated here, when first needed)."""
+    add = scope.row_targets.get(node)
+    if add is None:
+        return None
+    out = scope.sums[add] = cg.out_for(scope, add, "acc")
+    return _pad_rows(cg, out, scope.zero_rows[add], node.shape)
+
+
+def _zero_outside(cg: Codegen, scope: Scope, out: Val, pad: Node, node: Node) -> None:
+    """Zero the rows of `out` that the row pad `pad` fills with zeros (its product is in the others)."""
+    (lo, hi), total = pad.arg[0], pad.shape[0]  # type: ignore[index]
+    zero = cg.dims.f(0, node.dtype)
+    if lo:
+        scope.block.add(scope.indent, f"{out.arr}[:{cg.dims.offset(lo)}] = {zero}", node)
+    if hi:
+        scope.block.add(scope.indent, f"{out.arr}[{cg.dims.offset(total - hi)}:] = {zero}", node)
 
 
 # ---- movement: views -----------------------------------------------------------------------------
@@ -370,11 +422,19 @@ def emit_slice(cg: Codegen, scope: Scope, node: Node) -> None:
     if val.fn is not None:
         scope.env[node] = remap(val, node.shape, lambda index: index_map(index, lambda i: list(i)))
         return
-    arr = None
-    if val.arr is not None and node.ndim:
+    arr, plain = None, False
+    rows = node.ndim and triples[0][2] == 1 and all(t == (0, d, 1) for t, d in zip(triples[1:], val.shape[1:]))
+    if val.plain and rows:
+        # a range of rows of a C-contiguous array: `arr[a:b]` is contiguous and Numba types it so
+        # (a convolution tap's input rows go to BLAS without a copy)
+        stop = triples[0][1]
+        arr = f"{val.arr}[{named[0][0] or ''}:{cg.dims.offset(stop) if stop != val.shape[0] else ''}]"
+        plain = True
+    elif val.arr is not None and node.ndim:
+        # (Numba types other slices as layout 'A' even where they are contiguous: not `plain`)
         arr = f"{val.arr}[{', '.join(_slice_text(cg, t, d) for t, d in zip(triples, val.shape))}]"
-    # (Numba types a sliced array as layout 'A' even where it is contiguous: never `plain`)
-    scope.env[node] = Val(node.shape, node.dtype, base=val.base, idx=index_map, arr=arr, root=val.root)
+    scope.env[node] = Val(node.shape, node.dtype, base=val.base, idx=index_map, arr=arr, root=val.root,
+                          plain=plain)
 
 
 def _slice_text(cg: Codegen, triple: tuple[int, int, int], dim: int) -> str:
@@ -432,6 +492,8 @@ def emit_concat(cg: Codegen, scope: Scope, node: Node) -> None:
 def emit_pad(cg: Codegen, scope: Scope, node: Node) -> None:
     """A virtual value: reads select the source or zero, so pad + slices + concat (a convolution's
     taps) become index arithmetic in whatever loop finally reads them."""
+    if node in scope.row_pads.values():
+        return   # a padded product accumulated by its sum (emit_add): the pad is a row offset there
     pads: tuple[tuple[int, int], ...] = node.arg  # type: ignore[assignment]
     src = scope.env[node.src[0]]
     zero = cg.dims.f(0, node.dtype)

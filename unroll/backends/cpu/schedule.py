@@ -1,5 +1,11 @@
 """Scheduling decisions for one scope: which nodes are inlined into their user's loop nest, which
-sums accumulate a product in place, and where results are written (ys[t], concat parts, carries)."""
+sums accumulate a product in place, and where results are written (ys[t], concat parts, carries).
+
+Accumulation: `c + a @ b` (2-D, the product read only by the sum) runs as one BLAS call with beta=1
+on c's buffer. So does `c + pad(a @ b)` where the pad adds rows only (a convolution tap's shifted
+product, nn/conv.py): the product accumulates into the row range of c that the pad leaves nonzero.
+When c is itself such a padded product, its product is written (beta=0) straight into those rows
+of the sum's buffer, and the sum only zeroes the rows outside them."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ...ir.node import Graph, LoopInfo, Node
 from ...ir.ops import ELEMENTWISE, Op
-from .values import Val, offset_view, step_view
+from .values import Val, offset_view, row_view, step_view
 
 if TYPE_CHECKING:
     from .emit import Block, Codegen
@@ -32,6 +38,10 @@ class Scope:
     owned: dict[Node, str] = field(default_factory=dict)   # node -> buffer allocated for it here
     in_place: dict[Node, Val] = field(default_factory=dict)  # node -> carry buffer it updates
     virtual: set[Node] = field(default_factory=set)   # concats read through index arithmetic
+    row_pads: dict[Node, Node] = field(default_factory=dict)  # add -> the row pad of its accumulated product
+    row_targets: dict[Node, Node] = field(default_factory=dict)  # matmul -> add whose rows it writes
+    zero_rows: dict[Node, Node] = field(default_factory=dict)  # add -> its padded operand written in place
+    sums: dict[Node, Val] = field(default_factory=dict)   # such an add -> its buffer (allocated by that product)
 
 
 # users an elementwise producer may be inlined into: those whose emitter runs a loop nest that
@@ -62,13 +72,16 @@ def prepare(cg: Codegen, scope: Scope) -> None:
             scope.users.setdefault(s, []).append(node)
     for node in scope.order:
         if node.op is Op.ADD and node.ndim == 2 and node.src[0].shape == node.src[1].shape:
-            for mm, other in ((node.src[1], node.src[0]), (node.src[0], node.src[1])):
-                if mm.op is Op.MATMUL and mm.ndim == 2 and len(scope.users.get(mm, [])) == 1 \
-                        and mm not in outputs and mm is not other:
+            for term, other in ((node.src[1], node.src[0]), (node.src[0], node.src[1])):
+                mm = accumulable(scope, term, outputs)
+                if mm is not None and term is not other:
                     scope.accumulate[node] = mm
+                    if term is not mm:
+                        scope.row_pads[node] = term
                     no_inline.add(other)   # read from memory by the accumulating product
                     break
     concat_targets(cg, scope, outputs, no_inline)
+    row_targets(scope, outputs)
     for node in scope.order:
         users = scope.users.get(node, [])
         if node in scope.accumulate or node in no_inline:
@@ -79,6 +92,38 @@ def prepare(cg: Codegen, scope: Scope) -> None:
             loop_shape = user.src[0].shape if user.op in (Op.SUM, Op.REDUCE_MAX) else user.shape
             if node.shape == loop_shape:
                 scope.inline.add(node)
+
+
+def row_padded(node: Node) -> bool:
+    """A pad of a 2-D value along its rows only."""
+    return node.op is Op.PAD and node.ndim == 2 and node.arg[1] == (0, 0)  # type: ignore[index]
+
+
+def accumulable(scope: Scope, term: Node, outputs: set[Node]) -> Node | None:
+    """The product of a term a sum can accumulate in place: a 2-D matmul, or its row pad, read
+    only there (None: the term is computed on its own)."""
+    if term in outputs or len(scope.users.get(term, [])) != 1:
+        return None
+    if row_padded(term):
+        term = term.src[0]
+        if term in outputs or len(scope.users.get(term, [])) != 1:
+            return None
+    return term if term.op is Op.MATMUL and term.ndim == 2 else None
+
+
+def row_targets(scope: Scope, outputs: set[Node]) -> None:
+    """An accumulating sum whose other operand is a padded product too (pad(a1 @ b1) + pad(a2 @ b2),
+    a convolution's input gradient): the first product is written into the sum's rows directly.
+    Its buffer must be a plain array (not a concat part or a carry updated in place)."""
+    for node, mm in scope.accumulate.items():
+        term = scope.row_pads.get(node, mm)
+        other = node.src[0] if node.src[1] is term else node.src[1]
+        first = accumulable(scope, other, outputs) if other.op is Op.PAD else None
+        if first is None or first in scope.targets or node in scope.in_place \
+                or (node in scope.targets and not scope.targets[node].plain):
+            continue
+        scope.row_targets[first] = node
+        scope.zero_rows[node] = other
 
 
 def concat_targets(cg: Codegen, scope: Scope, outputs: set[Node], no_inline: set[Node]) -> None:
@@ -101,7 +146,12 @@ def concat_targets(cg: Codegen, scope: Scope, outputs: set[Node], no_inline: set
         extents = [src.shape[axis] for src in node.src]
         for k, src in enumerate(node.src):
             if src in writes:
-                scope.targets[src] = offset_view(out, src.shape, axis, cg.dims.part_offset(extents, k))
+                start = cg.dims.part_offset(extents, k)
+                if axis == 0 and out.plain:   # a row range: plain, so BLAS writes it in place
+                    stop = cg.dims.part_offset(extents, k + 1) if k + 1 < len(extents) else None
+                    scope.targets[src] = row_view(out, src.shape, start or 0, stop)
+                else:
+                    scope.targets[src] = offset_view(out, src.shape, axis, start)
                 no_inline.add(src)
 
 
