@@ -306,7 +306,7 @@ def test_decompositions_vectorise():
     xn = Node.leaf(Op.INPUT, TensorType((64,), "float32"), "x")
     kernel = numba_cpu.compile_graph(Graph((xn,), (ur.tanh(xn), ur.sigmoid(xn), ur.exp(xn))), passes=())
     kernel([np.linspace(-5, 5, 64, dtype=np.float32)])
-    llvm_ir = kernel.dispatcher.inspect_llvm(kernel.dispatcher.signatures[0])
+    llvm_ir = kernel.llvm_ir()
     assert re.search(r"<\d+ x float>", llvm_ir), "no vector arithmetic on float32"
     calls = set(re.findall(r"call [^@\n]*@\"?([\w.]*(?:exp|tanh)[\w.]*)", llvm_ir))
     assert not calls, f"libm calls left in the loop: {calls}"

@@ -6,7 +6,8 @@ training graphs [loss, *grads]):
 
     unroll      the reference on `ur.unroll(g)` and `ur.unroll(g, factor)` == on g (float64, tight)
     optimize    the reference after `ur.optimize` and after each backend's own pass pipeline == before
-    numba       the Numba CPU backend, with and without its passes, == the reference
+    numba       the CPU backend (native LLVM renderer), with and without its passes, == the reference
+    numba codegen   the same compiled through Numba (UNROLL_CPU_CODEGEN=numba, its fallback)
     emulator    the CUDA backend's kernels in the multi-block grid emulator (cuda.gridsim) == reference
     simulator   the CUDA backend in numba's CUDA simulator (a child process) == the reference
     coverage    the strategies draw every op of `unroll.ir.ops.Op` (the list comes from the enum)
@@ -230,6 +231,23 @@ def test_numba_equals_reference(examples):
         feeds = random_feeds(graph, seed)
         with tolerating_known_bugs(graph, "numba"):
             assert_close(numba_run(graph, feeds, optimize), evaluate(graph, feeds), f"numba optimize={optimize}")
+    run(check, examples)
+
+
+@budget(default=3, slow=40)
+def test_numba_codegen_equals_reference(examples, monkeypatch):
+    """The same through Numba's compiler (UNROLL_CPU_CODEGEN=numba): the fallback for source the
+    native renderer refuses, and the way to step around it, must keep the reference's meaning."""
+    pytest.importorskip("numba")
+    monkeypatch.setenv("UNROLL_CPU_CODEGEN", "numba")
+
+    @given(st.sampled_from(FLOATS).flatmap(lambda dtype: graphs(dtype=dtype, max_loops=2)), VARIANTS,
+           st.booleans(), SEEDS)
+    def check(graph, kind, optimize, seed):
+        graph = variant(graph, kind)
+        feeds = random_feeds(graph, seed)
+        with tolerating_known_bugs(graph, "numba"):
+            assert_close(numba_run(graph, feeds, optimize), evaluate(graph, feeds), f"numba codegen optimize={optimize}")
     run(check, examples)
 
 

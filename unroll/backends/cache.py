@@ -35,7 +35,7 @@ import warnings
 from typing import Any, Callable, Iterator
 
 CACHE_ENV = "UNROLL_CACHE_DIR"
-PREFIXES = ("unroll_gen_", "unroll_graph_", "unroll_cuda_")
+PREFIXES = ("unroll_gen_", "unroll_graph_", "unroll_cuda_", "unroll_native_")
 
 
 class CacheWarning(UserWarning):
@@ -55,13 +55,13 @@ def warn(message: str) -> None:
     warnings.warn(message, CacheWarning, stacklevel=3)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the whole new one."""
+def write_atomic(path: str, text: str | bytes) -> None:
+    """Write `text` (or bytes) to `path` so that readers see the old file or the whole new one."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -213,7 +213,7 @@ def summary(directory: str | None = None) -> dict[str, Any]:
     directory = directory or default_dir()
     files = entries(directory)
     return {"directory": directory, "files": len(files),
-            "modules": sum(os.path.basename(f).endswith(".py") for f in files),
+            "modules": sum(os.path.basename(f).endswith((".py", ".o")) for f in files),
             "bytes": sum(os.path.getsize(f) for f in files if os.path.exists(f)),
             "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR") or "beside the modules (__pycache__)"}
 

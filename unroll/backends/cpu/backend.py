@@ -53,7 +53,7 @@ import numpy as np
 from ...ir.node import Graph, Node
 from .. import cache
 from . import threads
-from . import codegen
+from . import codegen, native
 from .codegen import UnsupportedOp
 from .values import ReplayMismatch
 
@@ -255,6 +255,12 @@ class NumbaKernel:
             raise
         return [o.reshape(()) if scalar else o for o, scalar in zip(outs, self._scalar_out)]
 
+    def llvm_ir(self) -> str:
+        """The optimised LLVM IR of the generated kernel (native or Numba-compiled)."""
+        if isinstance(self.dispatcher, native.NativeKernel):
+            return str(native.optimized_ir(self.source, self.dispatcher.arg_types)[0])
+        return self.dispatcher.inspect_llvm(self.dispatcher.signatures[0])
+
     def __repr__(self) -> str:
         return f"<NumbaKernel {os.path.basename(self.path)} ({'cached' if self.from_cache else 'compiled'})>"
 
@@ -296,22 +302,57 @@ def compile_graph(graph: Graph, passes: Sequence = PASSES, cache_dir: str | None
     cg = codegen.generate(lowered)
     STATS["codegen"] += 1
     fn_source: str = cg.source  # type: ignore[attr-defined]
-    text, first_line = module_source(fn_source)
-    with cache.entry_lock(directory, cache.module_name("unroll_gen_", text)):  # one compile per entry
-        module, path = load_module(text, directory)
-        dispatcher = module.kernel  # type: ignore[attr-defined]
-        try:
-            from_cache = _compile(dispatcher, _signature(lowered), path)
-        except Exception as err:  # numba's errors: re-raised with the op and source location
-            raise _explain(err, cg, path, first_line) from None
+    compiled = _compile_native(fn_source, lowered, directory) if native.enabled() else None
+    if compiled is not None:
+        dispatcher, path, from_cache = compiled
+        entry = {"native": os.path.basename(path)[:-2]}
+    else:
+        text, first_line = module_source(fn_source)
+        with cache.entry_lock(directory, cache.module_name("unroll_gen_", text)):  # one compile per entry
+            module, path = load_module(text, directory)
+            dispatcher = module.kernel  # type: ignore[attr-defined]
+            try:
+                from_cache = _compile(dispatcher, _signature(lowered), path)
+            except Exception as err:  # numba's errors: re-raised with the op and source location
+                raise _explain(err, cg, path, first_line) from None
+        entry = {"module": os.path.basename(path)}
     max_macs = largest_product(lowered)
     kernel = NumbaKernel(graph, cg.dim_values, cg.float_values, fn_source, path, dispatcher, from_cache, max_macs)
     kernel.size_log = cg.dims.log
     if record is not None and [n.type for n in lowered.inputs] == [n.type for n in graph.inputs]:
         with contextlib.suppress(OSError):  # an unwritable cache only loses the shortcut
-            cache.write_atomic(record, json.dumps({"module": os.path.basename(path), "dims": cg.dim_values,
-                                                   "floats": cg.float_values, "max_macs": max_macs}))
+            cache.write_atomic(record, json.dumps({**entry, "dims": cg.dim_values, "floats": cg.float_values,
+                                                   "max_macs": max_macs}))
     return kernel
+
+
+def _arg_types(graph: Graph) -> list[tuple[str, int]]:
+    """The generated kernel's arguments as (dtype, ndim): the inputs (rank 0 as shape (1,)), then
+    dims, fk and blas (as _signature)."""
+    return [(n.dtype, max(n.ndim, 1)) for n in graph.inputs] + [("int64", 1), ("float64", 1), ("int64", 1)]
+
+
+def _out_dtypes(graph: Graph) -> list[np.dtype]:
+    return [np.dtype(o.dtype) for o in graph.outputs]
+
+
+def _compile_native(source: str, lowered: Graph, directory: str):
+    """(kernel, object path, from cache) from the native renderer, or None where the source leaves
+    its language or LLVM rejects the IR (then Numba compiles the source: same meaning)."""
+    try:
+        kernel, path, how = native.compile_native(source, _arg_types(lowered), _out_dtypes(lowered),
+                                                  directory, _compiler_version())
+    except native.Unsupported as err:
+        STATS["native_unsupported"] += 1
+        native.LAST_UNSUPPORTED[0] = str(err)
+        return None
+    except RuntimeError as err:   # LLVM rejected the IR: a renderer bug; Numba still compiles it
+        STATS["native_failed"] += 1
+        native.LAST_UNSUPPORTED[0] = f"LLVM: {err}"
+        return None
+    if how != "memory":
+        STATS["native_loads" if how == "loaded" else "native_compiles"] += 1
+    return kernel, path, how != "compiled"
 
 
 def respecialize(template: NumbaKernel, graph: Graph, passes: Sequence = PASSES) -> NumbaKernel | None:
@@ -379,7 +420,7 @@ def _load_recorded(record: str, graph: Graph) -> NumbaKernel | None:
     try:
         with open(record) as f:
             meta = json.load(f)
-        name, dims, floats = meta["module"], [int(d) for d in meta["dims"]], [float(v) for v in meta["floats"]]
+        name, dims, floats = meta.get("module"), [int(d) for d in meta["dims"]], [float(v) for v in meta["floats"]]
         max_macs = int(meta["max_macs"])
     except FileNotFoundError:
         return None
@@ -387,6 +428,15 @@ def _load_recorded(record: str, graph: Graph) -> NumbaKernel | None:
         cache.warn(f"unroll: damaged cache record {record}; rebuilding it")
         return None
     directory = os.path.dirname(record)
+    if "native" in meta:
+        kernel = native.load_entry(directory, meta["native"], _arg_types(graph), _out_dtypes(graph)) \
+            if native.enabled() else None
+        if kernel is None:
+            return None
+        STATS["recorded"] += 1
+        STATS["native_loads"] += 1
+        return NumbaKernel(graph, dims, floats, kernel.source, os.path.join(directory, meta["native"] + ".o"),
+                           kernel, True, max_macs)
     text = cache.read_module(os.path.join(directory, name))
     if text is None:
         return None

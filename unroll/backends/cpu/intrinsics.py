@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 # float width -> (integer type of its bits, mantissa bits, exponent bias, magic number, its bits)
@@ -55,20 +54,40 @@ def _power(builder: ir.IRBuilder, k: ir.Value, bits: int, float_t: ir.Type) -> i
     return builder.bitcast(builder.shl(builder.add(k, int_t(bias)), int_t(mantissa)), float_t)
 
 
+# the primitives' IR, shared by the Numba intrinsics below and the native renderer (cpu/native.py)
+
+def fmuladd_ir(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value, bits: int) -> ir.Value:
+    ty = a.type
+    fn = builder.module.globals.get(f"llvm.fmuladd.f{bits}") or ir.Function(
+        builder.module, ir.FunctionType(ty, [ty, ty, ty]), f"llvm.fmuladd.f{bits}")
+    return builder.call(fn, [a, b, c])
+
+
+def pow2_ir(builder: ir.IRBuilder, n: ir.Value, bits: int) -> ir.Value:
+    return _power(builder, _exponent(builder, n, bits), bits, n.type)
+
+
+def scale_ir(builder: ir.IRBuilder, p: ir.Value, n: ir.Value, bits: int) -> ir.Value:
+    int_t = _LAYOUT[bits][0]
+    power = _power(builder, builder.sub(_exponent(builder, n, bits), int_t(1)), bits, p.type)
+    return builder.fmul(builder.fadd(p, p, flags=_FLAGS), power, flags=_FLAGS)
+
+
+def ldexp_ir(builder: ir.IRBuilder, p: ir.Value, n: ir.Value, bits: int) -> ir.Value:
+    int_t, mantissa, _, _, _ = _LAYOUT[bits]
+    k = _exponent(builder, n, bits)
+    k1 = builder.ashr(k, int_t(1))
+    scaled = builder.bitcast(builder.add(builder.bitcast(p, int_t), builder.shl(k1, int_t(mantissa))), p.type)
+    return builder.fmul(scaled, _power(builder, builder.sub(k, k1), bits, p.type), flags=_FLAGS)
+
+
 @intrinsic
 def fmuladd(typingctx, a, b, c):
     """a * b + c with one rounding where the target has FMA; never reassociated."""
     bits = _float(a)
     if bits is None or not a == b == c:
         return None
-    sig = a(a, b, c)
-
-    def codegen(context, builder, signature, args):
-        ty = args[0].type
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]),
-                                            f"llvm.fmuladd.f{bits}")
-        return builder.call(fn, args)
-    return sig, codegen
+    return a(a, b, c), lambda context, builder, signature, args: fmuladd_ir(builder, *args, bits)
 
 
 @intrinsic
@@ -77,11 +96,7 @@ def pow2(typingctx, n):
     bits = _float(n)
     if bits is None:
         return None
-    sig = n(n)
-
-    def codegen(context, builder, signature, args):
-        return _power(builder, _exponent(builder, args[0], bits), bits, args[0].type)
-    return sig, codegen
+    return n(n), lambda context, builder, signature, args: pow2_ir(builder, args[0], bits)
 
 
 @intrinsic
@@ -90,14 +105,7 @@ def scale(typingctx, p, n):
     bits = _float(p)
     if bits is None or n != p:
         return None
-    sig = p(p, n)
-
-    def codegen(context, builder, signature, args):
-        p_v, n_v = args
-        int_t = _LAYOUT[bits][0]
-        power = _power(builder, builder.sub(_exponent(builder, n_v, bits), int_t(1)), bits, p_v.type)
-        return builder.fmul(builder.fadd(p_v, p_v, flags=_FLAGS), power, flags=_FLAGS)
-    return sig, codegen
+    return p(p, n), lambda context, builder, signature, args: scale_ir(builder, *args, bits)
 
 
 @intrinsic
@@ -106,14 +114,4 @@ def ldexp(typingctx, p, n):
     bits = _float(p)
     if bits is None or n != p:
         return None
-    sig = p(p, n)
-
-    def codegen(context, builder, signature, args):
-        p_v, n_v = args
-        int_t, mantissa, _, _, _ = _LAYOUT[bits]
-        k = _exponent(builder, n_v, bits)
-        k1 = builder.ashr(k, int_t(1))
-        scaled = builder.bitcast(builder.add(builder.bitcast(p_v, int_t), builder.shl(k1, int_t(mantissa))),
-                                 p_v.type)
-        return builder.fmul(scaled, _power(builder, builder.sub(k, k1), bits, p_v.type), flags=_FLAGS)
-    return sig, codegen
+    return p(p, n), lambda context, builder, signature, args: ldexp_ir(builder, *args, bits)

@@ -1,0 +1,116 @@
+"""The native renderer (cpu/native.py): the CPU backend's generated source compiled by LLVM without
+Numba's front end. Its equivalence with the numpy reference on random graphs is test_properties'
+(the backend's default path); here: the models compile natively (no fallback), the language's
+corners, the fallback to Numba, buffer ownership, and the object cache's key."""
+
+from __future__ import annotations
+
+import gc
+import resource
+
+import numpy as np
+import pytest
+
+import unroll as ur
+from unroll.backends import numpy_ref
+from unroll.backends.cpu import backend as numba_cpu
+from unroll.backends.cpu import native
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cache_dir(fresh_cache_dir):
+    yield
+
+
+def _run(graph: ur.Graph, feeds: dict) -> tuple[list, list]:
+    args = [feeds[n] for n in graph.input_names]
+    return numba_cpu.compile_graph(graph)(args), numpy_ref.compile_graph(graph)(args)
+
+
+def _close(got: list, want: list, rtol: float = 2e-5) -> None:
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "tcn"])
+def test_training_steps_compile_natively(cell):
+    from unroll.bench import make_data, unroll_model
+    graph, model = unroll_model(cell, 7, 3, 4, 5)
+    x, y = make_data(7, 3, 4, 5)
+    before = numba_cpu.STATS["native_unsupported"] + numba_cpu.STATS["native_failed"]
+    got, want = _run(graph, {"x": x, "y": y, **model.state_dict()})
+    assert numba_cpu.STATS["native_unsupported"] + numba_cpu.STATS["native_failed"] == before, \
+        native.LAST_UNSUPPORTED[0]
+    _close(got, want, 1e-4)
+
+
+def test_language_corners():
+    """Division by zero, int/float promotion, bool arrays, a scalar output, integer
+    casts, a reduction over an empty axis, a reshape whose index arithmetic divides and takes
+    remainders."""
+    a = ur.input("a", (6,), "int32")
+    b = ur.input("b", (6,), "int32")
+    m = ur.input("m", (6,), "bool")
+    x = ur.input("x", (6, 0))
+    outs = [ur.cast(a, "float32") / ur.cast(b, "float32"), ur.cast(a, "float32") * 0.5, ur.where(m, a, b), ur.sum(ur.cast(a, "float64")),
+            ur.sum(x, axis=1), ur.cast(ur.cast(a, "float32") / 3.0, "int8"),
+            ur.transpose(ur.reshape(ur.cast(a, "float32"), (2, 3))) * 2.0, ur.less(a, b)]
+    feeds = {"a": np.array([-7, 7, -7, 7, 0, 5], np.int32), "b": np.array([2, -2, -2, 2, 3, 0], np.int32),
+             "m": np.array([1, 0, 1, 1, 0, 1], bool), "x": np.zeros((6, 0), np.float32)}
+    got, want = _run(ur.graph(outs), feeds)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+
+
+def test_unsupported_source_falls_back_to_numba(monkeypatch):
+    def refuse(self, source):
+        raise native.Unsupported("refused by the test")
+    monkeypatch.setattr(native.Renderer, "render", refuse)
+    x = ur.input("x", (3,))
+    graph = ur.graph([ur.tanh(x) * 2.75])   # a graph of its own (no earlier native entry)
+    before = numba_cpu.STATS["native_unsupported"], numba_cpu.STATS["numba_compiles"] + numba_cpu.STATS["cache_loads"]
+    got, want = _run(graph, {"x": np.array([0.5, -1.0, 2.0], np.float32)})
+    _close(got, want)
+    assert numba_cpu.STATS["native_unsupported"] == before[0] + 1
+    assert numba_cpu.STATS["numba_compiles"] + numba_cpu.STATS["cache_loads"] == before[1] + 1
+    assert native.LAST_UNSUPPORTED[0] == "refused by the test"
+
+
+def test_outputs_own_their_buffers_and_nothing_leaks():
+    x = ur.input("x", (256, 256))
+    kernel = numba_cpu.compile_graph(ur.graph([ur.tanh(x) + 1.0, ur.sum(x * x, axis=0)]))
+    feed = np.full((256, 256), 0.5, np.float32)
+    first = kernel([feed])
+    del kernel
+    gc.collect()
+    np.testing.assert_allclose(first[0], np.tanh(0.5) + 1.0, rtol=1e-6)   # alive after the kernel
+    kernel = numba_cpu.compile_graph(ur.graph([ur.tanh(x) + 1.0, ur.sum(x * x, axis=0)]))
+    for _ in range(50):
+        kernel([feed])
+    gc.collect()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(400):   # 400 calls x 256 KB of outputs and temporaries: 100 MB if kept
+        kernel([feed])
+    gc.collect()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 20_000   # KB
+
+
+def test_object_cache_key_follows_source_and_types(tmp_path):
+    source = "def kernel(a_x, dims, fk, blas):\n    return (a_x, )\n"
+    types = [("float32", 1), ("int64", 1), ("float64", 1), ("int64", 1)]
+    out = [np.dtype("float32")]
+    _, first, how = native.compile_native(source, types, out, str(tmp_path))
+    _, again, how_again = native.compile_native(source, types, out, str(tmp_path))
+    _, other, _ = native.compile_native(source, [("float64", 1)] + types[1:], [np.dtype("float64")], str(tmp_path))
+    assert (how, how_again) == ("compiled", "memory") and first == again and other != first
+
+
+def test_a_returned_argument_is_a_copy():
+    source = "def kernel(a_x, dims, fk, blas):\n    return (a_x, )\n"
+    types = [("float32", 1), ("int64", 1), ("float64", 1), ("int64", 1)]
+    kernel, _, _ = native.compile_native(source, types, [np.dtype("float32")])
+    x = np.arange(4, dtype=np.float32)
+    (y,) = kernel(x, np.zeros(1, np.int64), np.zeros(1), np.zeros(3, np.int64))
+    x[0] = 9.0
+    assert y[0] == 0.0 and y.flags.owndata
