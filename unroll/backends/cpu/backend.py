@@ -1,9 +1,17 @@
-"""The Numba CPU backend: optimize, generate one `@njit` function, cache it as a module, run it.
+"""The CPU backend ("numba"): optimize, generate one kernel function, compile and cache it, run it.
 
 `compile_graph(graph, passes=PASSES, cache_dir=None)` returns a `NumbaKernel`: call it with the input
-arrays (graph.inputs order). Its `.source` is the generated Python, `.path` the module file.
+arrays (graph.inputs order). Its `.source` is the generated kernel, `.path` its cache entry.
 
-Caching: Numba's `cache=True` needs a real file. The generated module is written
+Two compilers for one generated source. By default `native.py` renders the source (a small kernel
+language in Python syntax) to LLVM IR and compiles it with llvmlite: no Numba front end, which took
+most of a cold compile (LSTM training step: about 7 of 11 s) and grew faster than the source. Its
+cache entries are object files `unroll_native_<sha256>.o` with a JSON of what calling them needs,
+keyed by the source, argument types, host CPU and compiler sources, checked against their digest
+when loaded. Source the renderer refuses (`native.Unsupported`), and every source when
+UNROLL_CPU_CODEGEN=numba, is compiled by Numba as `@njit` instead, as described next.
+
+Caching (Numba path): Numba's `cache=True` needs a real file. The generated module is written
 once under the cache dir ($UNROLL_CACHE_DIR, else ~/.cache/unroll) as `unroll_<sha256>.py`, named by
 the hash of its content (temp file + os.replace, never rewritten), imported as a real module and
 registered in `sys.modules`. Shapes are run-time parameters (see cpu.codegen), so a new T or B
@@ -11,8 +19,8 @@ gives the same source: in one process the loaded module is reused with no compil
 new process loads the machine code from Numba's cache (NUMBA_CACHE_DIR, default next to the module).
 A graph compiled before (same printed IR, options and compiler sources) is recognised by a
 JSON record `unroll_graph_<sha256>.json` beside its module, so a new process skips the passes and
-code generation as well. `STATS` counts code generations, Numba compilations, cache loads and
-recorded hits; tests read it.
+code generation as well (for either compiler). `STATS` counts code generations, native and Numba
+compilations, cache loads, fallbacks (`native_unsupported`) and recorded hits; tests read it.
 
 Threads, chosen deliberately (measured on a 2-core machine, idle):
 - the generated code runs on the calling thread (no `parallel=True`/prange): per-step work in an

@@ -1,4 +1,7 @@
-"""Graph -> Python source for one `@njit` function: loops stay rolled, buffers are preallocated.
+"""Graph -> source of one kernel function: loops stay rolled, buffers are preallocated.
+
+The source is a small kernel language in Python syntax (what `native.py` renders to LLVM IR, and
+what Numba compiles as `@njit` where the renderer refuses it).
 
 The generated function takes the graph's input arrays, `dims` (int64) and `fk` (float64) and returns
 the output arrays. Everything shape-dependent -- sizes, loop lengths, slice bounds, float constants
