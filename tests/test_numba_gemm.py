@@ -12,7 +12,8 @@ pytest.importorskip("numba")
 
 from numba import njit  # noqa: E402
 
-from unroll.backends.cpu.gemm import KC, MR, pack_panels, packed_gemm, packed_size, panel_width  # noqa: E402
+from unroll.backends.cpu.gemm import pack_panels, packed_gemm  # noqa: E402
+from unroll.backends.cpu.kernels_ir import KC, MR, packed_size, panel_width  # noqa: E402
 
 
 @njit(cache=False)

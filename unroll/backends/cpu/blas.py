@@ -22,10 +22,6 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# products with fewer multiply-adds than this run as generated loops (measured on this machine: a
-# BLAS call costs a few us; vectorised loops win below ~64K multiply-adds), larger ones call BLAS
-LOOP_MAX_MACS = 64 * 1024
-
 _ll_char = ir.IntType(8)
 _ll_voidp = cgutils.voidptr_t
 

@@ -13,8 +13,7 @@ from ...ir.node import Graph, Node
 from ...ir.ops import ELEMENTWISE, FLOAT_DTYPES, Op
 from ..lower import index as maps
 from ..lower.index import SOURCE
-from .blas import LOOP_MAX_MACS
-from .gemm import PACKED_MAX_MACS
+from .kernels_ir import LOOP_MAX_MACS, PACKED_MAX_MACS
 from .loops import emit_loop
 from .scalars import SPELLING, max_text, scalar_statements
 from .schedule import Scope

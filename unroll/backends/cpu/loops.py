@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ...ir.node import LoopInfo, Node
 from ...ir.ops import FLOAT_DTYPES, Op
-from .gemm import packed_size_text
+from .kernels_ir import packed_size_text
 from .schedule import Scope, loop_step_targets
 from .values import Val, step_view
 

@@ -10,8 +10,9 @@ LSTM training step's 11 s cold compile, growing faster than the source. This mod
 renderer of the same language, in the spirit of tinygrad's renderers: one pass over the source's
 `ast` that types every name once (its first assignment; a name that changes type is refused) and
 emits LLVM IR with llvmlite's builder, then LLVM compiles it. The heavy pieces are shared with the
-Numba path: gemm.py's packed micro-kernel and intrinsics.py's power-of-two primitives are the same
-IR builders.
+Numba path: kernels_ir.py's packed micro-kernel and power-of-two primitives are the same IR
+builders, and products go to the same BLAS (scipy's OpenBLAS, whose `?gemm` Numba's np.dot calls).
+Numba itself is not imported.
 
 Semantics follow what Numba gives the same source (the backend's tests run both against the numpy
 reference): integers compute in int64, a float32 meets an int32/int64 in float64, `//` and `%`
@@ -41,8 +42,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 
 from .. import cache
-from .gemm import _aligned, _gemm_function, _pack_function
-from .intrinsics import fmuladd_ir, ldexp_ir, pow2_ir, scale_ir
+from .kernels_ir import _aligned, _gemm_function, _pack_function, fmuladd_ir, ldexp_ir, pow2_ir, scale_ir
 
 
 class Unsupported(Exception):
@@ -741,24 +741,30 @@ class Renderer:
         return Scalar(ir.Constant(I1, 0), "bool")
 
     def _xxgemm(self, args) -> Scalar:
-        """Column-major gemm through Numba's `numba_xxgemm` (scipy's OpenBLAS), as cpu.blas."""
+        """Column-major gemm: scipy's OpenBLAS `sgemm`/`dgemm` (Fortran interface, 32-bit
+        integers), called as Numba's `numba_xxgemm` (cpu.blas) calls it."""
         self._arrays(args, "ssssssxasasxas")
         b = self.b
         kind, ta, tb, m, n, k, alpha, a, lda, bb, ldb, beta, c, ldc = args
         if not (a.dtype == bb.dtype == c.dtype in FLOATS):
             raise Unsupported("xxgemm types")
-        fnty_args = [I8, I8, I8, I64, I64, I64, VOIDP, VOIDP, I64, VOIDP, I64, VOIDP, VOIDP, I64]
-        fn = self._extern("numba_xxgemm", I32, fnty_args)
-        alpha_slot, beta_slot = self._slot(SCALAR[c.dtype]), self._slot(SCALAR[c.dtype])
-        b.store(self._cast(alpha, c.dtype), alpha_slot)
-        b.store(self._cast(beta, c.dtype), beta_slot)
+        i32p, fp = I32.as_pointer(), STORED[c.dtype].as_pointer()
+        fn = self._extern(f"unroll_{'s' if c.dtype == 'float32' else 'd'}gemm", ir.VoidType(),
+                          [VOIDP, VOIDP, i32p, i32p, i32p, fp, fp, i32p, fp, i32p, fp, fp, i32p])
+
+        def slot(value: ir.Value) -> ir.Value:
+            where = self._slot(value.type)
+            b.store(value, where)
+            return where
 
         def char(s: Scalar) -> ir.Value:
-            return b.trunc(self._int(s), I8)
-        b.call(fn, [char(kind), char(ta), char(tb), self._int(m), self._int(n), self._int(k),
-                    b.bitcast(alpha_slot, VOIDP), b.bitcast(a.data, VOIDP), self._int(lda),
-                    b.bitcast(bb.data, VOIDP), self._int(ldb), b.bitcast(beta_slot, VOIDP),
-                    b.bitcast(c.data, VOIDP), self._int(ldc)])
+            return slot(b.trunc(self._int(s), I8))
+
+        def int32(s: Scalar) -> ir.Value:
+            return slot(b.trunc(self._int(s), I32))
+        del kind   # the dtype says it
+        b.call(fn, [char(ta), char(tb), int32(m), int32(n), int32(k), slot(self._cast(alpha, c.dtype)),
+                    a.data, int32(lda), bb.data, int32(ldb), slot(self._cast(beta, c.dtype)), c.data, int32(ldc)])
         return Scalar(ir.Constant(I1, 0), "bool")
 
     def _blas_threads(self, args) -> Scalar:
@@ -849,12 +855,20 @@ def _machine(opt: int = 3) -> llvm.TargetMachine:
 
 
 def _symbols() -> None:
-    """The C functions kernels call: libc's allocator and Numba's BLAS helper (scipy's OpenBLAS)."""
+    """The C functions kernels call: libc's allocator, libm, and scipy's OpenBLAS gemm (the
+    functions scipy.linalg.cython_blas exports; the backend has loaded that module already, to
+    control its threads)."""
     libc = ctypes.CDLL(None)
     for name in ("aligned_alloc", "free"):
         llvm.add_symbol(name, ctypes.cast(getattr(libc, name), ctypes.c_void_p).value)
-    from numba import _helperlib
-    llvm.add_symbol("numba_xxgemm", _helperlib.c_helpers["xxgemm"])
+    from scipy.linalg import cython_blas
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    for name in ("sgemm", "dgemm"):
+        capsule = cython_blas.__pyx_capi__[name]   # type: ignore[attr-defined]
+        llvm.add_symbol(f"unroll_{name}", get_pointer(capsule, get_name(capsule)))
     libm = ctypes.CDLL("libm.so.6")
     for stem in MATH_LIBM.values():
         for name in (stem, stem + "f"):
