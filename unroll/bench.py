@@ -100,7 +100,7 @@ def header() -> dict[str, Any]:
         info["numba"] = numba.__version__
         info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
         from unroll.backends.cpu import backend as numba_cpu
-        from unroll.backends.cpu.gemm import PACKED_MAX_MACS
+        from unroll.backends.cpu.kernels_ir import PACKED_MAX_MACS
         info["numba_generated_code"] = (
             "single-threaded (no prange); per-step products by a weight up to "
             f"{PACKED_MAX_MACS // 2 ** 20}M multiply-adds: packed-weight micro-kernel, "
