@@ -25,7 +25,7 @@ from .ir.truncate import truncate, truncation_bias
 from .viz import draw, to_dot, to_networkx
 from . import nn
 from .diagnostics import GradientFlow, gradient_flow, plot_gradient_flow
-from . import data, train
+from . import data, distributed, train
 from .train import (SGD, Adam, AdamW, RMSprop, StopTraining, TrainStep, clip_by_global_norm,
                     clip_by_value, fit, load_params, save_params)
 
@@ -42,6 +42,6 @@ __all__ = [
     "draw", "to_dot", "to_networkx", "ParseError", "parse", "print_graph",
     "GradientFlow", "gradient_flow", "plot_gradient_flow",
     "Checkpoint", "Recompute", "SaveAll", "grad", "truncate", "truncation_bias", "value_and_grad", "vjp",
-    "data", "train", "SGD", "Adam", "AdamW", "RMSprop", "StopTraining", "TrainStep", "clip_by_global_norm",
-    "clip_by_value", "fit", "load_params", "save_params",
+    "data", "distributed", "train", "SGD", "Adam", "AdamW", "RMSprop", "StopTraining", "TrainStep",
+    "clip_by_global_norm", "clip_by_value", "fit", "load_params", "save_params",
 ]

@@ -3,6 +3,7 @@
     unroll demo                      # build, print, draw, train and time an LSTM (about a minute)
     unroll draw lstm --view unrolled -o lstm.svg
     unroll train digits --epochs 5 --backend numba
+    mpiexec -n 2 unroll train adding --distributed   # data-parallel over 2 MPI processes
     unroll flow -o flow.png          # ‖∂L/∂h_t‖ of RNN vs LSTM vs GRU
     unroll bench ...                 # the benchmark suite (unroll.bench)
 """
@@ -28,9 +29,9 @@ def _positive(text: str) -> int:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive, default=1,
+    p.add_argument("--threads", type=_positive, default=None,
                    help="BLAS threads (default 1: fastest for these small matrices, and more threads "
-                        "oversubscribe a busy machine)")
+                        "oversubscribe a busy machine; with --distributed: the node's cores // its ranks)")
 
 
 @contextlib.contextmanager
@@ -178,6 +179,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=_positive, default=None, help="hidden size (default: the task's own)")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distributed", action="store_true",
+                   help="train data-parallel over the MPI ranks: run as `mpiexec -n P unroll train TASK "
+                        "--distributed` (needs pip install \"unroll[mpi]\"); each rank trains on the "
+                        "task's batch size, so the global batch is P times it; rank 0 prints")
     _add_threads(p)
     p.set_defaults(run=_run_train)
 
@@ -193,6 +198,29 @@ def _run_train(args: argparse.Namespace) -> int:
         return 2
     print(f"\n{args.task}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.items()))
     return 0
+
+
+def _run_distributed(args: argparse.Namespace) -> int:
+    """`train --distributed`: every `ur.fit` of the task trains over MPI.COMM_WORLD; rank 0 prints."""
+    from . import distributed
+    try:
+        comm = distributed.world()
+    except ImportError as err:
+        print(f"unroll train --distributed: {err}", file=sys.stderr)
+        return 2
+    distributed.abort_on_error(comm)  # an error on one rank must not leave the others waiting
+    if args.threads is None:
+        distributed.set_threads(comm)
+    size = comm.Get_size()
+    if comm.Get_rank() == 0:
+        note = "" if size > 1 else " (start it under `mpiexec -n P` to train on P processes)"
+        print(f"unroll train --distributed: {size} rank{'s' * (size > 1)}{note}", flush=True)
+    with distributed.default(comm), distributed.root_only_output(comm), \
+            _blas_threads(args.threads) if args.threads else contextlib.nullcontext():
+        code = _run_train(args)
+    if code and size > 1:  # a failure on one rank only: stop the others rather than hang
+        comm.Abort(code)
+    return code
 
 
 def _fmt(value: object) -> str:
@@ -300,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    threads = getattr(args, "threads", None)  # demo, train, flow
+    if getattr(args, "distributed", False):
+        return _run_distributed(args)
+    threads = (args.threads or 1) if hasattr(args, "threads") else None  # demo, train, flow
     with _blas_threads(threads) if threads else contextlib.nullcontext():
         return args.run(args)
 

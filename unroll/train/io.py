@@ -5,6 +5,10 @@ given path (no ".npz" is appended) through a temporary file and `os.replace`, so
 half a checkpoint. A temporary is removed when the save fails; one left by a killed process (its
 name carries the writer's pid) is removed by the next save into the same directory. Names may hold dots ("lstm.weight_ih_l0") or any other character except "/",
 and order is preserved. Loading uses `allow_pickle=False`: an entry holding Python objects is refused.
+
+A training checkpoint (`save_checkpoint`, what `TrainStep.save_checkpoint` writes) is such a file
+with prefixed names: "param:NAME" for each value, "optim:NAME:KEY" for the optimizer's state and
+"steps" for the update count. Nothing in it depends on the number of processes that wrote it.
 """
 
 from __future__ import annotations
@@ -83,3 +87,41 @@ def load_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                 raise ValueError(f"load_params: entry {name!r} of {os.fspath(path)!r} holds pickled "
                                  f"Python objects; refusing to load it (allow_pickle=False)") from err
         return out
+
+
+PARAM, OPTIM, STEPS = "param:", "optim:", "steps"
+
+
+def save_checkpoint(path: str | os.PathLike[str], values: Mapping[str, np.ndarray],
+                    optimizer_state: Mapping[str, np.ndarray], steps: int) -> None:
+    """Write parameter values, an optimizer's `state_dict()` and the step count to one .npz."""
+    arrays = {PARAM + name: value for name, value in values.items()}
+    arrays.update({OPTIM + key: value for key, value in optimizer_state.items()})
+    arrays[STEPS] = np.asarray(steps, dtype=np.int64)
+    save_params(path, arrays)
+
+
+def checkpoint_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """A checkpoint's entries as stored (load_params, after checking it is a checkpoint)."""
+    flat = load_params(path)
+    if STEPS not in flat:
+        raise ValueError(f"load_checkpoint: {os.fspath(path)!r} is not a training checkpoint (no "
+                         f"{STEPS!r} entry); a file of parameters alone loads with load_params")
+    return flat
+
+
+def split_checkpoint(flat: Mapping[str, np.ndarray], path: str | os.PathLike[str] = "checkpoint"
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """(values, optimizer state, steps) from a checkpoint's entries."""
+    values = {k[len(PARAM):]: np.asarray(v) for k, v in flat.items() if k.startswith(PARAM)}
+    optimizer = {k[len(OPTIM):]: np.asarray(v) for k, v in flat.items() if k.startswith(OPTIM)}
+    other = [k for k in flat if not k.startswith((PARAM, OPTIM)) and k != STEPS]
+    if other or STEPS not in flat:
+        why = f"unexpected entries {other[:3]}" if other else f"no {STEPS!r} entry"
+        raise ValueError(f"load_checkpoint: {os.fspath(path)!r} is not a training checkpoint ({why})")
+    return values, optimizer, int(flat[STEPS])
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """(values, optimizer state, steps) from a file written by `save_checkpoint`."""
+    return split_checkpoint(checkpoint_arrays(path), path)

@@ -23,11 +23,26 @@ A non-finite loss or gradient stops the run with a warning, and so does an updat
 a parameter non-finite (a learning rate so large that finite gradients overflow): that update is
 skipped or undone, so the values returned and written back are the last finite ones, and
 `history.stopped` says why.
+
+Checkpoints. `checkpoint=path` writes the values, the optimizer's state and the step count after
+every epoch and at the end (TrainStep.save_checkpoint); `resume=path` starts from such a file.
+
+Several processes (`comm=MPI.COMM_WORLD`, run under `mpiexec -n P`; unroll.distributed). Every rank
+builds the same graph, whose batch size b is its share of the global batch: the global batch is
+P x b (`batch_size=`, if given, is the global batch and must be P x b; `ur.distributed.local_batch
+(B, comm)` gives b and says so when B does not divide). Every rank passes the whole data set; each
+global batch is drawn from rank 0's seeded permutation exactly as one process draws a batch of
+P x b, and rank r trains on its r-th slice of it. Gradients and losses are averaged over the ranks,
+so for a loss that is a mean over the batch, P ranks follow the same trajectory as one process with
+batch P x b (to rounding). Only rank 0 shows progress, warns and writes checkpoints; every rank
+returns the same values and history. eval_fn runs on every rank; StopTraining on any rank stops
+them all. Without `comm`, the communicator set by `ur.distributed.default` is used, if any.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -36,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from .. import distributed
 from ..ir.node import Node
 from .optim import Optimizer
 from .step import Clip, TrainStep
@@ -59,6 +75,7 @@ class History:
     evals: list[tuple[int, Any]] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str | None = None
+    comm_seconds: float = 0.0  # of `seconds`, the time spent averaging gradients over the ranks
 
     @property
     def steps(self) -> int:
@@ -146,6 +163,21 @@ def _epoch_batches(n: int, batch: int, rng: np.random.Generator | None,
     return out
 
 
+def _check_batch_size(batch_size: int | None, batch: int, ranks: int, batched: bool) -> None:
+    """`batch_size` (the global batch) against the graph's batch `batch` on each of `ranks`."""
+    if batch_size is None or not batched:
+        return
+    if ranks > 1:
+        share = distributed.local_batch(batch_size, ranks)
+        if share != batch:
+            raise ValueError(f"fit: batch_size={batch_size} is the global batch, {share} per rank over "
+                             f"{ranks} ranks, but the graph's batch size is {batch}: build the graph "
+                             f"with ur.distributed.local_batch({batch_size}, comm) = {share}")
+    elif batch_size != batch:
+        raise ValueError(f"fit: batch_size={batch_size}, but the graph's inputs have batch size {batch} "
+                         f"(shapes are static: build the graph with the batch size you want)")
+
+
 def _show_progress(progress: bool) -> bool:
     return bool(progress) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
@@ -157,7 +189,9 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
         shuffle: bool = True, drop_last: bool = True, values: Mapping[str, np.ndarray] | None = None,
         grads: list[Node] | None = None, eval_fn: EvalFn | None = None, eval_every: int | None = None,
         policy: Any = None, optimize: bool = False, progress: bool = True, seed: int = 0,
-        trainer: TrainStep | None = None) -> FitResult:
+        trainer: TrainStep | None = None, comm: Any = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: str | os.PathLike[str] | None = None) -> FitResult:
     """Train `loss` (a scalar node) with respect to `params` (PARAM nodes and/or models with
     `.parameters()`; None: every parameter of the loss) on `data` (input name -> array of all
     examples; batch axes as in the module doc).
@@ -176,37 +210,86 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
     grads, policy, optimize: how the step's gradients are built and compiled (see TrainStep).
     trainer: an existing TrainStep to continue (then params, optimizer, clip, backend, values,
     grads, policy and optimize are taken from it). Returns FitResult(params, history, trainer).
+    comm: an mpi4py communicator to train data-parallel over its ranks (module doc);
+    checkpoint / resume: a checkpoint file to write after every epoch and at the end / to start from.
     """
     for what, count in (("epochs", epochs), ("steps", steps), ("eval_every", eval_every)):
         if count is not None and (not isinstance(count, int) or count < 1):
             raise ValueError(f"fit: {what} must be a positive int or None, found {count!r}")
     if trainer is None:
         trainer = TrainStep(loss, params, optimizer=optimizer, lr=lr, clip=clip, backend=backend,
-                            values=values, seed=seed, grads=grads, policy=policy, optimize=optimize)
-    feeds, n_examples, batch = _plan_feeds(trainer.inputs, data, batch_axes)
-    if batch_size is not None and any(f.axis is not None for f in feeds) and batch_size != batch:
-        raise ValueError(f"fit: batch_size={batch_size}, but the graph's inputs have batch size {batch} "
-                         f"(shapes are static: build the graph with the batch size you want)")
-    if drop_last and n_examples < batch:
-        raise ValueError(f"fit: the data holds {n_examples} examples, fewer than one batch of {batch}; "
-                         f"pass drop_last=False to repeat examples, or build a smaller batch")
-    per_epoch = n_examples // batch if drop_last else math.ceil(n_examples / batch)
+                            values=values, seed=seed, grads=grads, policy=policy, optimize=optimize,
+                            comm=distributed.default_comm() if comm is None else comm)
+    elif comm is not None and comm is not trainer.comm:
+        raise ValueError("fit: comm differs from the trainer's communicator (TrainStep(comm=...))")
+    comm = trainer.comm
+    ranks, rank = (1, 0) if comm is None else (comm.Get_size(), comm.Get_rank())
+    try:
+        feeds, n_examples, batch = _plan_feeds(trainer.inputs, data, batch_axes)
+        _check_batch_size(batch_size, batch, ranks, any(f.axis is not None for f in feeds))
+    except Exception as err:
+        if ranks > 1:  # the other ranks may have accepted their data: tell them before raising
+            distributed.agree(comm, trainer.watchdog, "fit's data check", failed=True)
+        raise err
+    batched = any(f.axis is not None for f in feeds)
+    if comm is not None and ranks > 1:
+        _, failed = distributed.agree(comm, trainer.watchdog, "fit's data check")
+        if failed:
+            raise distributed.RankFailed(f"fit: {failed} of {ranks} ranks refused their data (see their "
+                                         f"errors); this rank stops too")
+        counts, batches, seeds = zip(*distributed.allgather(comm, trainer.watchdog, "fit's data check",
+                                                            (n_examples, batch, seed)))
+        if len(set(counts)) > 1:
+            raise ValueError(f"fit: the ranks hold different numbers of examples ({', '.join(map(str, counts))} "
+                             f"on ranks 0..{ranks - 1}); every rank passes the whole data set")
+        if len(set(batches)) > 1:
+            raise ValueError(f"fit: the ranks' graphs have different batch sizes ({', '.join(map(str, batches))} "
+                             f"on ranks 0..{ranks - 1}); build every rank's graph with the same share")
+        seed = seeds[0]  # rank 0's data order on every rank, so the shards never overlap
+    global_batch = batch * ranks if batched else batch
+    if drop_last and n_examples < global_batch:
+        per_rank = f" ({batch} per rank x {ranks} ranks)" if ranks > 1 else ""
+        raise ValueError(f"fit: the data holds {n_examples} examples, fewer than one batch of "
+                         f"{global_batch}{per_rank}; pass drop_last=False to repeat examples, or build "
+                         f"a smaller batch")
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    per_epoch = n_examples // global_batch if drop_last else math.ceil(n_examples / global_batch)
     if epochs is None and steps is None:
         epochs = 1
     total = min(x for x in (steps, None if epochs is None else epochs * per_epoch) if x is not None)
     rng = np.random.default_rng(seed)
     history = History()
-    start = time.perf_counter()
+    start, comm_start = time.perf_counter(), trainer.comm_seconds
     from tqdm.auto import tqdm  # late: `import unroll` stays light
-    bar = tqdm(total=total, disable=not _show_progress(progress), unit="step", dynamic_ncols=True,
-               leave=True)
+    bar = tqdm(total=total, disable=not (_show_progress(progress) and rank == 0), unit="step",
+               dynamic_ncols=True, leave=True)
     postfix: dict[str, Any] = {}
 
     def evaluate() -> None:
+        stopped: str | None = None
+        error: BaseException | None = None
         try:
             result = eval_fn(dict(trainer.values))  # type: ignore[misc]
         except StopTraining as stop:
-            history.stopped = f"step {history.steps}: {stop}" if str(stop) else f"step {history.steps}"
+            stopped = f"step {history.steps}: {stop}" if str(stop) else f"step {history.steps}"
+        except BaseException as err:
+            if ranks == 1:
+                raise
+            error = err
+        if ranks > 1:  # the ranks decide together, or one would wait for the others' next step
+            any_stop, failed = distributed.agree(comm, trainer.watchdog, f"the evaluation at step "
+                                                 f"{history.steps}", stop=stopped is not None,
+                                                 failed=error is not None)
+            if error is not None:
+                raise error
+            if failed:
+                raise distributed.RankFailed(f"eval_fn raised on {failed} of {ranks} ranks at step "
+                                             f"{history.steps}; this rank stops too")
+            if any_stop and stopped is None:
+                stopped = f"step {history.steps}: eval_fn raised StopTraining on another rank"
+        if stopped is not None:
+            history.stopped = stopped
             return
         history.evals.append((history.steps, result))
         if isinstance(result, Mapping):
@@ -219,7 +302,9 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
         while history.steps < total and history.stopped is None:
             whole = {f.name: f.data for f in feeds if f.axis is None}
             epoch_sum, epoch_steps = 0.0, 0
-            for idx in _epoch_batches(n_examples, batch, rng if shuffle else None, drop_last):
+            for idx in _epoch_batches(n_examples, global_batch, rng if shuffle else None, drop_last):
+                if ranks > 1 and batched:
+                    idx = idx[rank * batch:(rank + 1) * batch]  # this rank's share
                 feed = dict(whole)
                 feed.update({f.name: np.take(f.data, idx, axis=f.axis) for f in feeds if f.axis is not None})
                 stats = trainer.step(feed)
@@ -230,7 +315,8 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
                             f"update was skipped")
                     history.stopped = (f"step {history.steps + 1} (epoch {epoch + 1}): {what} "
                                        f"(try a smaller lr or clip=1.0)")
-                    warnings.warn(f"fit stopped at {history.stopped}", RuntimeWarning, stacklevel=2)
+                    if rank == 0:
+                        warnings.warn(f"fit stopped at {history.stopped}", RuntimeWarning, stacklevel=2)
                     break
                 history.loss.append(stats.loss)
                 history.grad_norm.append(stats.grad_norm)
@@ -248,8 +334,13 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
             if eval_fn is not None and not eval_every and history.stopped is None:
                 evaluate()
                 bar.set_postfix(postfix)
+            if checkpoint is not None and history.steps < total and history.stopped is None:
+                trainer.save_checkpoint(checkpoint)
     finally:
         bar.close()
         history.seconds = time.perf_counter() - start
+        history.comm_seconds = trainer.comm_seconds - comm_start
+    if checkpoint is not None:
+        trainer.save_checkpoint(checkpoint)
     trainer.write_back()
     return FitResult({k: v.copy() for k, v in trainer.values.items()}, history, trainer)

@@ -13,13 +13,24 @@ gives the initial values, and `write_back()` loads the trained values into them.
 `grads=` accepts gradient nodes built another way (e.g. after `ur.truncate`) instead of
 `ur.value_and_grad(loss, params, policy=policy)`; `optimize=True` runs `ur.optimize`'s pass
 pipeline on the step's graph before compiling it.
+
+Data-parallel (`comm=MPI.COMM_WORLD`, see unroll.distributed): every rank builds the same graph,
+whose batch is that rank's share of the global batch, and calls `step` with its own share. The
+parameters are broadcast from rank 0 at construction; each step's gradients and loss are averaged
+over the ranks by one Allreduce of one flat buffer before clipping and the update, so the values
+and the optimizer's state stay bitwise identical on every rank, and a non-finite gradient on any
+rank skips the update on all of them. A step that raises on one rank raises RankFailed on the
+others; a collective that waits longer than `comm_timeout` seconds (default 600, or
+$UNROLL_MPI_TIMEOUT) aborts the job. Dropout masks the batch does not hold are drawn per rank.
+`save_checkpoint`/`load_checkpoint` write on rank 0 only and resume on any number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -29,7 +40,9 @@ from ..compile import Compiled, compile, default_backend
 from ..dsl import init_values
 from ..ir.node import Graph, Node
 from ..ir.ops import Op, ShapeError
+from .. import distributed
 from .clip import clip_by_global_norm, clip_by_value, global_norm
+from .io import checkpoint_arrays, save_checkpoint, split_checkpoint
 from .optim import Optimizer, make_optimizer
 
 Clip = float | tuple[str, float] | Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None
@@ -87,11 +100,15 @@ class TrainStep:
                  optimizer: Optimizer | str | None = "adam", lr: float | None = None, clip: Clip = None,
                  backend: str | None = None, values: Mapping[str, np.ndarray] | None = None, seed: int = 0,
                  grads: Sequence[Node] | None = None, policy: Any = None, optimize: bool = False,
-                 **compile_options: Any) -> None:
+                 comm: Any = None, comm_timeout: float | None = None, **compile_options: Any) -> None:
         if not isinstance(loss, Node) or loss.tensor_type.shape != ():
             found = loss.type_str() if isinstance(loss, Node) else type(loss).__name__
             raise ShapeError(f"TrainStep: expected a scalar loss (shape []), found {found}"
                              + (f"\n  at {loss.loc}" if isinstance(loss, Node) else ""))
+        self.comm = None if comm is None else distributed.check_comm(comm)  # before a long compile
+        self._watchdog = None if comm is None else distributed.Watchdog(comm, comm_timeout)
+        if self.comm is not None:
+            distributed.set_threads(self.comm, self._watchdog)
         self.loss = loss
         self.params, self.models = collect_params(params, loss)
         value = loss
@@ -120,7 +137,9 @@ class TrainStep:
         # dropout masks the batch does not hold are drawn afresh each step, as torch does per call
         from ..nn.module import dropout_inputs
         self.dropout_masks = dropout_inputs(Graph.of([loss, *grads]))
-        self._mask_rng = np.random.default_rng([seed, 1])
+        rank = 0 if comm is None else comm.Get_rank()
+        # each rank draws its own masks (rank 0 the same as a single process)
+        self._mask_rng = np.random.default_rng([seed, 1] if rank == 0 else [seed, 1, rank])
         all_params = {n.name: n for n in leaves if n.op is Op.PARAM}
         if values is None and self.models:
             values = self._model_values(all_params, seed)
@@ -128,6 +147,24 @@ class TrainStep:
         self.optimizer = make_optimizer(optimizer, lr)
         self._clip = make_clip(clip)
         self.steps = 0
+        self._averager: distributed.GradientAverager | None = None
+        if self.comm is not None:
+            dtype = np.result_type(*(p.dtype for p in self.params)) if self.params else np.float64
+            self._averager = distributed.GradientAverager(
+                self.comm, {p.name: p.shape for p in self.params}, dtype, self._watchdog)
+            distributed.broadcast_values(self.comm, self.values, self._averager.watchdog)
+
+    @property
+    def watchdog(self) -> distributed.Watchdog:
+        """The watchdog that guards this step's collectives (only with a communicator)."""
+        if self._averager is None:
+            raise AttributeError("TrainStep.watchdog: this step has no communicator")
+        return self._averager.watchdog
+
+    @property
+    def comm_seconds(self) -> float:
+        """Seconds spent in the gradient Allreduce so far (0 without a communicator)."""
+        return 0.0 if self._averager is None else self._averager.seconds
 
     def _model_values(self, params: dict[str, Node], seed: int) -> dict[str, np.ndarray]:
         """The models' current values, and init-spec draws for parameters outside the models."""
@@ -181,7 +218,8 @@ class TrainStep:
         return feeds
 
     def gradients(self, batch: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
-        """Loss and gradients (name -> array) on a batch, without clipping or updating."""
+        """Loss and gradients (name -> array) on a batch, without clipping or updating (with a
+        communicator: this rank's own, not averaged)."""
         feeds = self._feeds(batch)
         outs = self.compiled(**{n: feeds[n] for n in self.compiled.input_names})
         return float(outs[0]), dict(zip(self.param_names, outs[1:]))
@@ -198,7 +236,10 @@ class TrainStep:
         skipped (`applied=False`) when the loss or a gradient is not finite, and undone when it
         made a parameter non-finite (a huge learning rate overflows an update of finite
         gradients): either way the values and the optimizer's state stay the last finite ones."""
-        loss, grads = self.gradients(batch)
+        if self._averager is None:
+            loss, grads = self.gradients(batch)
+        else:
+            loss, grads = self._averaged_gradients(batch)
         norm = global_norm(grads)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return StepStats(loss, norm, False)
@@ -213,6 +254,72 @@ class TrainStep:
             return StepStats(loss, norm, False)
         self.steps += 1
         return StepStats(loss, norm, True)
+
+    def _averaged_gradients(self, batch: Mapping[str, Any]) -> tuple[float, dict[str, np.ndarray]]:
+        """This rank's loss and gradients, averaged with every other rank's (one Allreduce). When
+        this rank's forward or backward raises, it tells the others (they raise RankFailed) and
+        re-raises its own error, so no rank waits for a step that will never come."""
+        assert self._averager is not None
+        try:
+            loss, grads = self.gradients(batch)
+        except BaseException:
+            with contextlib.suppress(distributed.RankFailed):
+                self._averager.average(0.0, None, self.steps + 1)
+            raise
+        return self._averager.average(loss, grads, self.steps + 1)
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write the values, the optimizer's state and the step count to an .npz file (rank 0
+        only; with a communicator every rank must call it, and all return once it is written)."""
+        error: BaseException | None = None
+        if distributed.is_root(self.comm):
+            try:
+                save_checkpoint(path, self.values, self.optimizer.state_dict(), self.steps)
+            except BaseException as err:  # the other ranks must hear of it, not wait
+                error = err
+        if self.comm is not None and self._averager is not None:
+            _, failed = distributed.agree(self.comm, self._averager.watchdog, "the checkpoint write",
+                                          failed=error is not None)
+            if failed and error is None:
+                raise distributed.RankFailed(f"rank 0 could not write the checkpoint {os.fspath(path)!r}")
+        if error is not None:
+            raise error
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Resume from `save_checkpoint`'s file: values, optimizer state and step count. With a
+        communicator rank 0 reads it and broadcasts it, so it resumes on any number of ranks and
+        the other ranks need not see the file."""
+        flat: dict[str, np.ndarray] | None = None
+        error: BaseException | None = None
+        if distributed.is_root(self.comm):
+            try:
+                flat = checkpoint_arrays(path)
+            except BaseException as err:
+                error = err
+        if self.comm is not None and self._averager is not None:
+            _, failed = distributed.agree(self.comm, self._averager.watchdog, "the checkpoint read",
+                                          failed=error is not None)
+            if failed and error is None:
+                raise distributed.RankFailed(f"rank 0 could not read the checkpoint {os.fspath(path)!r}")
+            if error is None:
+                flat = distributed.broadcast_arrays(self.comm, flat, self._averager.watchdog)
+        if error is not None:
+            raise error
+        assert flat is not None
+        values, optimizer_state, steps = split_checkpoint(flat, path)
+        unknown = [name for name in values if name not in self.values]
+        missing = [name for name in self.values if name not in values]
+        if unknown or missing:
+            raise KeyError(f"load_checkpoint: {os.fspath(path)!r} does not match this step's parameters"
+                           + (f"; missing {', '.join(map(repr, missing))}" if missing else "")
+                           + (f"; unknown {', '.join(map(repr, unknown))}" if unknown else ""))
+        for name, value in values.items():
+            if value.shape != self.values[name].shape:
+                raise ValueError(f"load_checkpoint: {name!r} has shape {list(value.shape)} in "
+                                 f"{os.fspath(path)!r}, expected {list(self.values[name].shape)}")
+            self.values[name][...] = value
+        self.optimizer.load_state_dict(optimizer_state)
+        self.steps = steps
 
     def __call__(self, **batch: Any) -> StepStats:
         return self.step(batch)
