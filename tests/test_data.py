@@ -91,3 +91,23 @@ def test_bad_lengths():
         data.adding_problem(3, 1)
     with pytest.raises(ValueError, match="T >= 1"):
         data.copy_memory(3, 0)
+
+
+def test_moving_digits_are_seeded_stay_on_the_canvas_and_move_as_described():
+    from unroll.data import DIRECTIONS, describe, moving_digits
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0.1, 1.0, (5, 8, 8))          # no zero pixel: the digit's box is visible
+    labels = np.arange(5)
+    clips = moving_digits(images, labels, 40, frames=6, canvas=14, seed=7)
+    again = moving_digits(images, labels, 40, frames=6, canvas=14, seed=7)
+    np.testing.assert_array_equal(clips.frames, again.frames)
+    assert clips.frames.shape == (6, 40, 14, 14)
+    for i in range(40):
+        assert np.isclose(clips.frames[:, i].sum(axis=(1, 2)), images[clips.sources[i]].sum()).all()  # whole
+        first_row, first_col, last_row, last_col = (np.nonzero(clips.frames[t, i].any(axis=a))[0][0]
+                                                    for t in (0, 5) for a in (1, 0))
+        moved = {"left": (0, -5), "right": (0, 5), "up": (-5, 0), "down": (5, 0)}[DIRECTIONS[clips.directions[i]]]
+        assert (last_row - first_row, last_col - first_col) == moved
+    assert describe(3, 0) == "three moves left"
+    with pytest.raises(ValueError, match="canvas of at least 13"):
+        moving_digits(images, labels, 2, frames=6, canvas=12)

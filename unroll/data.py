@@ -1,4 +1,4 @@
-"""Synthetic sequence tasks for RNNs: the adding problem and the copy memory task (seeded numpy).
+"""Synthetic sequence tasks for RNNs: the adding problem, copy memory, moving-digit clips (seeded numpy).
 
 Both follow Bai, Kolter & Koltun 2018, "An Empirical Evaluation of Generic Convolutional and
 Recurrent Networks for Sequence Modeling" (the TCN paper, section 5 and its code
@@ -24,11 +24,20 @@ its last 10 entries, which are the 10 memorised digits. The loss is the cross-en
 T + 20 positions and 10 classes. Trivial baseline: predict 0 for the first T + 10 positions and a
 uniform guess over 1..8 for the last 10: cross-entropy 10 * log(8) / (T + 20) per position
 (`copy_memory_baseline(T)`).
+
+Moving digits (`moving_digits(images, labels, n)`): short videos for video classification and
+description (the S2VT setting of Venugopalan et al. 2015, in miniature). Each clip, shape
+(frames, canvas, canvas), shows one 8x8 digit image drawn from `images` (e.g. scikit-learn's bundled
+`load_digits().images / 16`, which the caller loads, so this module needs numpy only) sliding one
+pixel per frame left, right, up or down across an empty canvas, without leaving it; where it starts
+along the other axis is random. `describe(digit, direction)` gives the clip's sentence, "three moves
+left". Pass disjoint image sets for training and test clips so test clips show unseen handwriting.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -85,3 +94,56 @@ def copy_memory(n: int, T: int, seed: int | np.random.Generator | None = 0,
 def copy_memory_baseline(T: int, mem_length: int = COPY_MEMORY_LENGTH) -> float:
     """Mean cross-entropy per position of the trivial predictor (0s, then uniform over 1..8)."""
     return mem_length * math.log(8) / (T + 2 * mem_length)
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+class Clips(NamedTuple):
+    """Moving-digit clips: frames (T, n, canvas, canvas) float, and per clip its digit (0-9),
+    direction (an index into DIRECTIONS) and the index of the source image it shows."""
+    frames: np.ndarray
+    digits: np.ndarray
+    directions: np.ndarray
+    sources: np.ndarray
+
+
+def moving_digits(images: np.ndarray, labels: np.ndarray, n: int, frames: int = 8, canvas: int = 16,
+                  seed: int | np.random.Generator | None = 0, dtype: object = np.float32) -> Clips:
+    """`n` clips of a digit from `images` (N, h, w) with `labels` (N,) sliding one pixel per frame
+    in a random direction. See the module doc."""
+    images = np.asarray(images)
+    if images.ndim != 3 or len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"moving_digits: expected images (N, h, w) and N labels, found images of shape "
+                         f"{images.shape} and {len(labels)} labels")
+    if frames < 2:
+        raise ValueError(f"moving_digits: expected frames >= 2 (one frame shows no motion), found {frames}")
+    _, h, w = images.shape
+    travel = frames - 1                                   # pixels moved from first to last frame
+    if canvas < max(h, w) + travel:
+        raise ValueError(f"moving_digits: a {h}x{w} digit moving {travel} pixels needs a canvas of at "
+                         f"least {max(h, w) + travel}, found {canvas}")
+    rng = _rng(seed)
+    sources = rng.integers(0, len(images), n)
+    directions = rng.integers(0, len(DIRECTIONS), n)
+    # along the motion the start leaves room for the whole travel; across it, anywhere on the canvas
+    along = rng.integers(0, canvas - max(h, w) - travel + 1, n)
+    across = rng.integers(0, canvas - max(h, w) + 1, n)
+    out = np.zeros((frames, n, canvas, canvas), dtype=dtype)
+    for i in range(n):
+        image, d = images[sources[i]], DIRECTIONS[directions[i]]
+        for t in range(frames):
+            # left/up move towards smaller coordinates: start at the far end of the travel
+            shift = travel - t if d in ("left", "up") else t
+            if d in ("left", "right"):
+                row, col = across[i], along[i] + shift
+            else:
+                row, col = along[i] + shift, across[i]
+            out[t, i, row:row + h, col:col + w] = image
+    return Clips(out, np.asarray(labels)[sources].astype(np.int64), directions.astype(np.int64), sources)
+
+
+def describe(digit: int, direction: int) -> str:
+    """The sentence of a moving-digit clip: `describe(3, 0)` is "three moves left"."""
+    return f"{DIGIT_NAMES[digit]} moves {DIRECTIONS[direction]}"

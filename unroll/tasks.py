@@ -29,8 +29,12 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("copy", "copy_memory.py", "copy memory (many-to-many classification): TCN vs LSTM vs GRU"),
     Task("digits", "digits.py", "sequential 8x8 digits, row by row (T=8) and pixel by pixel (T=64)"),
     Task("charlm", "char_lm.py", "character language model on Python's own standard library, sampling"),
-    Task("caption", "caption_digits.py", "one-to-many: spell a digit image's name ('seven')"),
+    Task("caption", "caption_digits.py", "one-to-many: caption 2-3 digits ('four seven'), greedy vs beam"),
+    Task("video", "video_classification.py", "video classification (many-to-one): LSTM vs GRU vs TCN"),
+    Task("s2vt", "video_description.py", "video description, S2VT: 'three moves left' from a clip"),
     Task("seq2seq", "seq2seq_dates.py", "encoder-decoder: translate dates between formats"),
+    Task("translate", "translate_dates.py", "GNMT-style attention: dates between formats, attention heatmap"),
+    Task("numbers", "numbers_to_words.py", "numbers to English words: greedy vs beam search, exact match and BLEU"),
 ]}
 
 
