@@ -34,6 +34,7 @@ import ctypes
 import functools
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -104,19 +105,26 @@ class Renderer:
     def __init__(self, arg_types: Sequence[tuple[str, int]]) -> None:
         self.arg_types = list(arg_types)
         self.module = ir.Module(name="unroll_native")
-        # void unroll_kernel(i8** args, i64* shapes, i8** outs, i64* out_shapes, i64* status)
+        # void unroll_kernel(i8** args, i64* shapes, i8** outs, i64* out_shapes, i64* status,
+        #                    i8** allocations)
         fnty = ir.FunctionType(ir.VoidType(), [VOIDP.as_pointer(), I64.as_pointer(), VOIDP.as_pointer(),
-                                               I64.as_pointer(), I64.as_pointer()])
+                                               I64.as_pointer(), I64.as_pointer(), VOIDP.as_pointer()])
         self.fn = ir.Function(self.module, fnty, "unroll_kernel")
         self.entry = self.fn.append_basic_block("entry")
         self.b = ir.IRBuilder(self.fn.append_basic_block("body"))
         self.allocas = ir.IRBuilder(self.entry)
         self.vars: dict[str, Var] = {}
-        self.alloc_slots: list[ir.Value] = []
+        # each np.empty site's buffer, in the caller's table (memory LLVM cannot turn into
+        # registers: hundreds of buffers live until the exit made the register allocator quadratic)
+        self.n_allocs = 0
         self.out_ndims: list[int] = []
         self.errors: list[tuple[str, str, int]] = []   # (exception, message, integer arguments)
         self.exit_block = self.fn.append_basic_block("exit")
         self.returned = False
+        self.main = self.fn
+        self.scratch: dict[tuple[str, str, int], ir.Value] = {}
+        self.oom_block: ir.Block | None = None
+        self.parts = 0
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class Renderer:
         fdef = tree.body[0]
         if not isinstance(fdef, ast.FunctionDef) or len(fdef.args.args) != len(self.arg_types):
             raise Unsupported("expected def kernel(...) with one argument per array")
-        args_p, shapes_p, self.outs_p, self.oshapes_p, self.status_p = self.fn.args
+        args_p, shapes_p, self.outs_p, self.oshapes_p, self.status_p, self.allocs_p = self.fn.args
         offset = 0
         for k, (param, (dtype, ndim)) in enumerate(zip(fdef.args.args, self.arg_types)):
             raw = self.b.load(self.b.gep(args_p, [ir.Constant(I64, k)]))
@@ -217,19 +225,20 @@ class Renderer:
         n_out = len(self.out_ndims)
         bases = [self.b.load(self.b.gep(self.outs_p, [ir.Constant(I64, 2 * r + 1)])) for r in range(n_out)]
         failed = self.b.icmp_signed("!=", self.b.load(self.status_p), ir.Constant(I64, 0))
-        for slot in self.alloc_slots:
-            ptr = self.b.load(slot)
+        for k in range(self.n_allocs):
+            ptr = self.b.load(self._alloc_slot(k))
             keep = ir.Constant(I1, 0)
             for base in bases:
                 keep = self.b.or_(keep, self.b.icmp_unsigned("==", ptr, base))
             keep = self.b.and_(keep, self.b.not_(failed))
-            with self.b.if_then(self.b.not_(keep)):
-                self.b.call(free, [ptr])   # free(NULL) is a no-op
+            # free(NULL) is a no-op: no branch per buffer (a block per buffer made LLVM's tail
+            # merging quadratic in a kernel's buffers)
+            self.b.call(free, [self.b.select(keep, ir.Constant(VOIDP, None), ptr)])
         self.b.ret_void()
         # entry: null every allocation slot and the outputs, then the body
         self.allocas.position_at_end(self.entry)
-        for slot in self.alloc_slots:
-            self.allocas.store(ir.Constant(VOIDP, None), slot)
+        for k in range(self.n_allocs):
+            self.allocas.store(ir.Constant(VOIDP, None), self.allocas.gep(self.allocs_p, [ir.Constant(I64, k)]))
         for r in range(2 * n_out):
             self.allocas.store(ir.Constant(VOIDP, None), self.allocas.gep(self.outs_p, [ir.Constant(I64, r)]))
         self.allocas.store(ir.Constant(I64, 0), self.status_p)
@@ -256,7 +265,10 @@ class Renderer:
         elif isinstance(s, ast.AugAssign):
             self._assign_to(s.target, self._binop(s.op, self._expr(_as_load(s.target)), self._expr(s.value)))
         elif isinstance(s, ast.For):
-            self._for(s)
+            if self.fn is self.main and _outlinable(s):
+                self._outline(s)
+            else:
+                self._for(s)
         elif isinstance(s, ast.If):
             cond = self._truth(self._expr(s.test))
             if s.orelse:
@@ -278,6 +290,58 @@ class Renderer:
             return
         else:
             raise Unsupported(f"statement {type(s).__name__}")
+
+    def _outline(self, s: ast.For) -> None:
+        """A top-level loop nest as a function of its own. LLVM optimises and compiles each
+        function on its own, so a kernel's compile time grows with its number of loop nests, not
+        with their product: one function holding a 1000-op graph took minutes in the loop vectoriser
+        and the register allocator. Names the loop only reads are passed by value; names it assigns
+        (an accumulator, carries swapped at the end of a step) by pointers to the caller's slots,
+        copied in at its start and out at its end."""
+        used = {n.id for n in ast.walk(s) if isinstance(n, ast.Name) and n.id in self.vars}
+        stored = {n.id for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        read_only = [(name, self.vars[name]) for name in sorted(used - stored)]
+        written = [(name, self.vars[name]) for name in sorted(used & stored)]
+        values = [self.b.load(slot) for _, var in read_only for slot in var.slots]
+        pointers = [slot for _, var in written for slot in var.slots]
+        self.parts += 1
+        fnty = ir.FunctionType(ir.VoidType(), [v.type for v in values] + [p.type for p in pointers])
+        part = ir.Function(self.module, fnty, f"unroll_part{self.parts}")
+        part.linkage = "internal"
+        part.attributes.add("noinline")
+        part.attributes.add("nounwind")
+        self.b.call(part, values + pointers)
+        saved = self.fn, self.b, self.allocas, self.vars
+        entry = part.append_basic_block("entry")
+        self.fn, self.allocas, self.b = part, ir.IRBuilder(entry), ir.IRBuilder(part.append_basic_block("body"))
+        self.vars = {}
+        args = iter(part.args)
+        copy_out = []
+        for name, var in read_only + written:
+            local = Var(var.kind, var.dtype, [self._slot(slot.type.pointee) for slot in var.slots])
+            self.vars[name] = local
+            for slot in local.slots:
+                arg = next(args)
+                if (name, var) in written:
+                    self.b.store(self.b.load(arg), slot)
+                    copy_out.append((slot, arg))
+                else:
+                    self.b.store(arg, slot)
+        self._for(s)
+        for slot, theirs in copy_out:
+            self.b.store(self.b.load(slot), theirs)
+        self.b.ret_void()
+        self.allocas.branch(part.basic_blocks[1])
+        self.fn, self.b, self.allocas, self.vars = saved
+
+    def _scratch(self, ty: ir.Type, k: int) -> ir.Value:
+        """The k-th stack slot of type `ty` for arguments passed by address (BLAS's): one set per
+        function, reused by every call (a slot per call grew a kernel by thousands of allocas)."""
+        key = (self.fn.name, str(ty), k)
+        slot = self.scratch.get(key)
+        if slot is None:
+            slot = self.scratch[key] = self._slot(ty)
+        return slot
 
     def _assign_to(self, target: ast.expr, value: Scalar | Array) -> None:
         if isinstance(target, ast.Name):
@@ -616,20 +680,30 @@ class Renderer:
             count = b.mul(count, n)
         nbytes = b.mul(count, ir.Constant(I64, ITEMSIZE[dtype]))
         rounded = b.and_(b.add(nbytes, ir.Constant(I64, 2 * ALIGN - 1)), ir.Constant(I64, -ALIGN))
-        slot = self._slot(VOIDP)
-        self.alloc_slots.append(slot)
+        slot = self._alloc_slot(self.n_allocs)
+        self.n_allocs += 1
         free = self._extern("free", ir.VoidType(), [VOIDP])
         b.call(free, [b.load(slot)])   # the site ran before (inside a loop): its last buffer
         alloc = self._extern("aligned_alloc", VOIDP, [I64, I64])
         raw = b.call(alloc, [ir.Constant(I64, ALIGN), rounded])
         b.store(raw, slot)
-        with b.if_then(b.icmp_unsigned("==", raw, ir.Constant(VOIDP, None)), likely=False):
-            self.errors.append(("MemoryError", "out of memory allocating a buffer", 0))
-            b.store(ir.Constant(I64, len(self.errors)), self.status_p)
-            b.branch(self.exit_block)
-            b.position_at_end(b.append_basic_block("unreachable"))
-            b.unreachable()
+        go_on = self.fn.append_basic_block("allocated")
+        b.cbranch(b.icmp_unsigned("==", raw, ir.Constant(VOIDP, None)), self._out_of_memory(), go_on)
+        b.position_at_end(go_on)
         return Array(b.bitcast(raw, STORED[dtype].as_pointer()), tuple(shape), dtype, raw)
+
+    def _alloc_slot(self, k: int) -> ir.Value:
+        return self.b.gep(self.allocs_p, [ir.Constant(I64, k)])
+
+    def _out_of_memory(self) -> ir.Block:
+        """The one block every failed allocation branches to: MemoryError, then the exit."""
+        if self.oom_block is None:
+            self.oom_block = self.fn.append_basic_block("out_of_memory")
+            with self.b.goto_block(self.oom_block):
+                self.errors.append(("MemoryError", "out of memory allocating a buffer", 0))
+                self.b.store(ir.Constant(I64, len(self.errors)), self.status_p)
+                self.b.branch(self.exit_block)
+        return self.oom_block
 
     # ---- calls -----------------------------------------------------------------------------------
 
@@ -752,8 +826,11 @@ class Renderer:
         fn = self._extern(f"unroll_{'s' if c.dtype == 'float32' else 'd'}gemm", ir.VoidType(),
                           [VOIDP, VOIDP, i32p, i32p, i32p, fp, fp, i32p, fp, i32p, fp, fp, i32p])
 
+        used: dict[str, int] = {}
+
         def slot(value: ir.Value) -> ir.Value:
-            where = self._slot(value.type)
+            k = used[str(value.type)] = used.get(str(value.type), -1) + 1
+            where = self._scratch(value.type, k)
             b.store(value, where)
             return where
 
@@ -775,6 +852,17 @@ class Renderer:
         with b.if_then(b.icmp_unsigned("!=", ptr, ir.Constant(I64, 0)), likely=True):
             b.call(b.inttoptr(ptr, fnty.as_pointer()), [b.trunc(threads, I32)])
         return Scalar(ir.Constant(I1, 0), "bool")
+
+
+def _outlinable(s: ast.stmt) -> bool:
+    """A loop nest that may become a function of its own: it allocates nothing, raises nothing and
+    returns nothing (those touch the kernel's allocation slots and status word)."""
+    for n in ast.walk(s):
+        if isinstance(n, (ast.Raise, ast.Return)):
+            return False
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "empty":
+            return False
+    return True
 
 
 def _whole(e: ast.expr) -> bool:
@@ -843,6 +931,9 @@ def _initialize() -> None:
     """LLVM's native target and the symbols kernels call, once per process."""
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    # tail merging (the code generator's control-flow optimiser) was quadratic in a kernel's
+    # blocks: 60-78 % of the machine-code time of a 400-op graph; it only shrinks code
+    llvm.set_option("", "-enable-tail-merge=false")
     _symbols()
 
 
@@ -907,42 +998,64 @@ def _view(ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: _Buffer | No
     return arr
 
 
+@dataclass
+class _CallBuffers:
+    """What one call passes and gets back: argument pointers and shapes, outputs (data and base
+    pointers) and their shapes, the status word and the kernel's table of buffers."""
+    args: np.ndarray
+    shapes: np.ndarray
+    outs: np.ndarray
+    out_shapes: np.ndarray
+    status: np.ndarray
+    allocations: np.ndarray
+    pointers: tuple[int, ...] = ()
+
+
 class NativeKernel:
-    """The compiled function, called like a Numba dispatcher: `fn(*arrays) -> tuple of arrays`."""
+    """The compiled function, called like a Numba dispatcher: `fn(*arrays) -> tuple of arrays`.
+    Calls release the GIL (ctypes) and each thread has its own call buffers, so threads may call
+    one kernel at once, as they could call Numba's `nogil` function."""
 
     def __init__(self, arg_types: Sequence[tuple[str, int]], out_ndims: Sequence[int],
-                 errors: Sequence[tuple[str, str, int]], address: int, out_dtypes: Sequence[np.dtype]) -> None:
+                 errors: Sequence[tuple[str, str, int]], allocations: int, address: int,
+                 out_dtypes: Sequence[np.dtype]) -> None:
         self.arg_types = list(arg_types)
         self.out_ndims = list(out_ndims)
         self.errors = list(errors)
         self.out_dtypes = list(out_dtypes)
-        n_in, n_out = len(self.arg_types), len(self.out_ndims)
-        self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p)(address)
-        self._args = np.zeros(n_in, np.uintp)
-        self._shapes = np.zeros(max(1, sum(nd for _, nd in self.arg_types)), np.int64)
-        self._outs = np.zeros(max(1, 2 * n_out), np.uintp)
-        self._oshapes = np.zeros(max(1, sum(self.out_ndims)), np.int64)
-        self._status = np.zeros(8, np.int64)
+        self.allocations = allocations
+        self._fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 6)(address)
+        self._local = threading.local()
+
+    def _buffers(self) -> _CallBuffers:
+        bufs = getattr(self._local, "buffers", None)
+        if bufs is None:
+            bufs = self._local.buffers = _CallBuffers(
+                np.zeros(len(self.arg_types), np.uintp), np.zeros(max(1, sum(nd for _, nd in self.arg_types)), np.int64),
+                np.zeros(max(1, 2 * len(self.out_ndims)), np.uintp), np.zeros(max(1, sum(self.out_ndims)), np.int64),
+                np.zeros(8, np.int64), np.zeros(max(1, self.allocations), np.uintp))
+            bufs.pointers = tuple(a.ctypes.data for a in (bufs.args, bufs.shapes, bufs.outs, bufs.out_shapes,
+                                                            bufs.status, bufs.allocations))
+        return bufs
 
     def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        bufs = self._buffers()
         offset = 0
         for k, (a, (_, ndim)) in enumerate(zip(arrays, self.arg_types)):
-            self._args[k] = a.ctypes.data
-            self._shapes[offset:offset + ndim] = a.shape
+            bufs.args[k] = a.ctypes.data
+            bufs.shapes[offset:offset + ndim] = a.shape
             offset += ndim
-        self._fn(self._args.ctypes.data, self._shapes.ctypes.data, self._outs.ctypes.data,
-                 self._oshapes.ctypes.data, self._status.ctypes.data)
-        status = int(self._status[0])
+        self._fn(*bufs.pointers)
+        status = int(bufs.status[0])
         if status:
             kind, message, n = self.errors[status - 1]
             raise {"IndexError": IndexError, "MemoryError": MemoryError}.get(kind, RuntimeError)(
-                message, *(int(v) for v in self._status[1:1 + n]))
-        owners: dict[int, object] = {}
+                message, *(int(v) for v in bufs.status[1:1 + n]))
+        owners: dict[int, _Buffer] = {}
         outs, offset = [], 0
         for r, ndim in enumerate(self.out_ndims):
-            data, base = int(self._outs[2 * r]), int(self._outs[2 * r + 1])
-            shape = tuple(int(s) for s in self._oshapes[offset:offset + ndim])
+            data, base = int(bufs.outs[2 * r]), int(bufs.outs[2 * r + 1])
+            shape = tuple(int(s) for s in bufs.out_shapes[offset:offset + ndim])
             offset += ndim
             owner = None
             if base:
@@ -976,7 +1089,8 @@ def optimized_ir(source: str, arg_types: Sequence[tuple[str, int]]) -> tuple[llv
 def _compile_object(source: str, arg_types: Sequence[tuple[str, int]]) -> tuple[bytes, dict]:
     """The optimised object code for `source`, and what calling it needs (outputs, errors)."""
     module, renderer = optimized_ir(source, arg_types)
-    return _machine().emit_object(module), {"out_ndims": renderer.out_ndims, "errors": renderer.errors}
+    return _machine().emit_object(module), {"out_ndims": renderer.out_ndims, "errors": renderer.errors,
+                                            "allocations": renderer.n_allocs}
 
 
 def _load_object(obj: bytes, meta: dict, out_dtypes: Sequence[np.dtype], arg_types) -> NativeKernel:
@@ -986,7 +1100,8 @@ def _load_object(obj: bytes, meta: dict, out_dtypes: Sequence[np.dtype], arg_typ
     address = engine.get_function_address("unroll_kernel")
     if not address:
         raise ValueError("no unroll_kernel in the object")
-    kernel = NativeKernel(arg_types, meta["out_ndims"], [tuple(e) for e in meta["errors"]], address, out_dtypes)
+    kernel = NativeKernel(arg_types, meta["out_ndims"], [tuple(e) for e in meta["errors"]], meta["allocations"],
+                          address, out_dtypes)
     kernel.engine = engine   # type: ignore[attr-defined]   # the code lives as long as the kernel
     return kernel
 
