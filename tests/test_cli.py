@@ -145,6 +145,14 @@ def test_draw_backward_unrolled_renders(tmp_path, capsys):
     assert code == 0 and path.read_text().lstrip().startswith(("<?xml", "<svg"))
 
 
+def test_draw_seq2seq_shows_the_encoder_and_decoder_loops_and_attention(tmp_path, capsys):
+    path = tmp_path / "s2s.dot"
+    code, out = _run(["draw", "seq2seq", "-o", str(path), "--print-ir"], capsys)
+    assert code == 0 and out.count(" = loop ") == 4   # encoder: both directions, layer 2; the decoder
+    text = path.read_text()
+    assert "attention" in text and "decoder" in text and "encoder" in text
+
+
 def test_draw_tcn_has_no_cell(capsys):
     with pytest.raises(SystemExit, match="no recurrent cell"):
         cli.main(["draw", "tcn", "--view", "cell"])

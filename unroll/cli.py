@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 BACKENDS = ("numpy", "numba", "cuda")
-MODELS = ("rnn", "lstm", "gru", "tcn")
+MODELS = ("rnn", "lstm", "gru", "tcn", "seq2seq")
 VIEWS = ("rolled", "unrolled", "cell", "backward")
 
 
@@ -91,7 +91,8 @@ def _add_draw(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "draw", help="draw a model or one cell (rolled, unrolled, backward) to a picture",
         description="Build a small named model on a symbolic input (T, B, I) with an MSE loss on every "
-                    "step and draw it. Views: rolled (the loop as written), unrolled (one cell per "
+                    "step and draw it (seq2seq: the GNMT-style encoder-decoder, whose decoder loop "
+                    "attends to the encoder's outputs). Views: rolled (the loop as written), unrolled (one cell per "
                     "step), cell (one step of the recurrence, no loop), backward (loss and gradients, "
                     "add --unrolled to unroll them). The format comes from the output's suffix (.svg, "
                     ".png, .pdf, .dot); without Graphviz's `dot` only .dot works.")
@@ -116,7 +117,14 @@ def _draw_graph(args: argparse.Namespace):
 
     T, B, I, H = args.T, args.batch, args.input, args.hidden
     kinds = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
-    if args.model == "tcn":
+    if args.model == "seq2seq":   # GNMT-style: encoder loops, then a decoder loop attending to them
+        if args.view == "cell":
+            raise SystemExit("unroll draw: seq2seq is several loops; use --view rolled, unrolled or backward")
+        vocab = max(I, 3)
+        model = nn.GNMT(src_vocab=vocab, tgt_vocab=vocab, hidden=H, layers=max(2, args.layers))
+        src, tgt_in = dsl.input("src", (T, B), "int64"), dsl.input("tgt_in", (T, B), "int64")
+        out, _ = model(src, dsl.input("src_lens", (B,), "int64"), tgt_in)
+    elif args.model == "tcn":
         if args.view == "cell":
             raise SystemExit("unroll draw: a TCN has no recurrent cell; use --view rolled or backward")
         model = nn.TCN(I, [H] * args.layers, kernel_size=2)
