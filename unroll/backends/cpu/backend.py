@@ -77,7 +77,7 @@ def _blas_setter() -> int:
     """The address of scipy OpenBLAS's openblas_set_num_threads (0 where it cannot be found), after
     starting it on one thread (the policy raises the count per call where threads pay)."""
     try:
-        import scipy.linalg.cython_blas  # noqa: F401 - loads the library to control
+        native.scipy_cython_blas()   # loads the library to control
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return 0
