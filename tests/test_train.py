@@ -480,3 +480,45 @@ def test_train_step_draws_fresh_dropout_masks_unless_the_batch_holds_them():
     lstm.eval()
     out_eval, _ = lstm(x)
     assert ur.TrainStep(ur.mean((out_eval - y) ** 2), lstm.parameters(), backend="numpy").dropout_masks == []
+
+
+def _stream_rnn(T=5, B=2, I=3, H=4):
+    x, y = ur.input("x", (T, B, I), "float64"), ur.input("y", (T, B, H), "float64")
+    h0 = ur.input("h0", (1, B, H), "float64")
+    rnn = ur.nn.RNN(I, H, dtype="float64")
+    out, h_n = rnn(x, h0)
+    return rnn, x, y, h0, ur.mean((out - y) ** 2), h_n
+
+
+def test_carry_feeds_the_last_state_on_and_cuts_its_gradient():
+    """Stateful truncated BPTT across calls: chunk 2 starts from chunk 1's final state, and its
+    gradients are those of chunk 2 alone given that state (nothing flows into chunk 1)."""
+    rnn, x, y, h0, loss, h_n = _stream_rnn()
+    rng = np.random.default_rng(0)
+    chunks = [(rng.normal(size=(5, 2, 3)), rng.normal(size=(5, 2, 4))) for _ in range(2)]
+    stream = TrainStep(loss, rnn, optimizer="sgd", lr=0.0, backend="numpy", carry={"h0": h_n})
+    plain = TrainStep(loss, rnn, optimizer="sgd", lr=0.0, backend="numpy")
+    stream.step({"x": chunks[0][0], "y": chunks[0][1]})      # from zeros
+    first_state = ur.compile([h_n], backend="numpy")(x=chunks[0][0], h0=np.zeros((1, 2, 4)), **rnn.state_dict())[0]
+    np.testing.assert_allclose(stream.carried["h0"], first_state, rtol=1e-12)
+    got_loss, got = stream.gradients({"x": chunks[1][0], "y": chunks[1][1]})
+    want_loss, want = plain.gradients({"x": chunks[1][0], "y": chunks[1][1], "h0": first_state})
+    assert got_loss == pytest.approx(want_loss, rel=1e-12)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12)
+    stream.reset_carry()
+    assert not stream.carried
+    with pytest.raises(KeyError, match="not an input"):
+        TrainStep(loss, rnn, backend="numpy", carry={"c0": h_n})
+
+
+def test_fit_trains_on_a_stream_with_a_carried_state():
+    """ur.fit with a TrainStep that carries its state: consecutive chunks (shuffle=False), the
+    carried input taken from the previous step, not from the data."""
+    rnn, x, y, h0, loss, h_n = _stream_rnn()
+    rng = np.random.default_rng(1)
+    xs, ys = rng.normal(size=(5, 8, 3)), rng.normal(size=(5, 8, 4)) * 0.1
+    trainer = TrainStep(loss, rnn, optimizer="adam", lr=1e-2, backend="numpy", carry={"h0": h_n})
+    result = fit(loss, rnn, {"x": xs, "y": ys}, trainer=trainer, batch_size=2, steps=6, shuffle=False,
+                 progress=False)
+    assert len(result.history.loss) == 6 and "h0" in trainer.carried

@@ -225,7 +225,9 @@ def fit(loss: Node, params: Iterable[Any] | Node | None, data: Mapping[str, Any]
     comm = trainer.comm
     ranks, rank = (1, 0) if comm is None else (comm.Get_size(), comm.Get_rank())
     try:
-        feeds, n_examples, batch = _plan_feeds(trainer.inputs, data, batch_axes)
+        # carried inputs (TrainStep(carry=...)) come from the previous step, not from the data
+        inputs = {n: v for n, v in trainer.inputs.items() if n not in trainer.carry_nodes or n in data}
+        feeds, n_examples, batch = _plan_feeds(inputs, data, batch_axes)
         _check_batch_size(batch_size, batch, ranks, any(f.axis is not None for f in feeds))
     except Exception as err:
         if ranks > 1:  # the other ranks may have accepted their data: tell them before raising

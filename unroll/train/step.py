@@ -14,6 +14,13 @@ gives the initial values, and `write_back()` loads the trained values into them.
 `ur.value_and_grad(loss, params, policy=policy)`; `optimize=True` runs `ur.optimize`'s pass
 pipeline on the step's graph before compiling it.
 
+Stateful training on a stream (`carry={"h0": h_n, ...}`: input name -> the node whose value feeds
+it next time): truncated BPTT across calls, the usual way to train a character model on a long
+corpus. Each step also computes the carried nodes; the next step feeds them to those inputs (the
+batch may still give them, e.g. zeros at the start of a stream), so the state flows on while its
+gradient stops at the batch boundary (an input has none). The first step starts from zeros;
+`reset_carry()` starts a new stream. Forward-only `evaluate` neither reads nor moves the carry.
+
 Data-parallel (`comm=MPI.COMM_WORLD`, see unroll.distributed): every rank builds the same graph,
 whose batch is that rank's share of the global batch, and calls `step` with its own share. The
 parameters are broadcast from rank 0 at construction; each step's gradients and loss are averaged
@@ -100,7 +107,8 @@ class TrainStep:
                  optimizer: Optimizer | str | None = "adam", lr: float | None = None, clip: Clip = None,
                  backend: str | None = None, values: Mapping[str, np.ndarray] | None = None, seed: int = 0,
                  grads: Sequence[Node] | None = None, policy: Any = None, optimize: bool = False,
-                 comm: Any = None, comm_timeout: float | None = None, **compile_options: Any) -> None:
+                 comm: Any = None, comm_timeout: float | None = None, carry: Mapping[str, Node] | None = None,
+                 **compile_options: Any) -> None:
         if not isinstance(loss, Node) or loss.tensor_type.shape != ():
             found = loss.type_str() if isinstance(loss, Node) else type(loss).__name__
             raise ShapeError(f"TrainStep: expected a scalar loss (shape []), found {found}"
@@ -125,7 +133,8 @@ class TrainStep:
                                  f"expected the parameter's shape {list(p.shape)}")
         self.param_names = [p.name for p in self.params]
         self.backend = backend or default_backend()  # numba when it imports, else numpy
-        graph = Graph.of([value, *grads])
+        self.carry_nodes = dict(carry or {})
+        graph = Graph.of([value, *grads, *self.carry_nodes.values()])
         if optimize:
             from ..ir.optimize import optimize as run_passes
             graph = run_passes(graph)
@@ -134,6 +143,8 @@ class TrainStep:
         self._forward: Compiled | None = None
         leaves = Graph.of([loss, *grads]).inputs + tuple(self.params)
         self.inputs: dict[str, Node] = {n.name: n for n in leaves if n.op is Op.INPUT}
+        self._check_carry()
+        self.carried: dict[str, np.ndarray] = {}   # the state the next step starts from
         # dropout masks the batch does not hold are drawn afresh each step, as torch does per call
         from ..nn.module import dropout_inputs
         self.dropout_masks = dropout_inputs(Graph.of([loss, *grads]))
@@ -201,7 +212,34 @@ class TrainStep:
             out[name] = np.array(arr, dtype=node.dtype)  # a private, writable copy
         return out
 
+    def _check_carry(self) -> None:
+        for name, node in self.carry_nodes.items():
+            target = self.inputs.get(name)
+            if target is None:
+                raise KeyError(f"TrainStep: carry names {name!r}, which is not an input of the loss; inputs: "
+                               + ", ".join(f"{n} {v.type}" for n, v in self.inputs.items()))
+            if not isinstance(node, Node) or node.tensor_type != target.tensor_type:
+                found = node.type_str() if isinstance(node, Node) else type(node).__name__
+                raise ShapeError(f"TrainStep: carry[{name!r}] must have the input's type {target.type_str()}, "
+                                 f"found {found}")
+
+    def _carried(self, name: str) -> np.ndarray:
+        """The state input `name` starts from: the last step's value, else zeros."""
+        if name in self.carried:
+            return self.carried[name]
+        node = self.inputs[name]
+        if not all(isinstance(d, int) for d in node.shape):
+            raise KeyError(f"TrainStep: the carried input {name!r} has symbolic shape {node.type_str()}: "
+                           f"give its first value in the batch")
+        return np.zeros(node.shape, node.dtype)
+
+    def reset_carry(self) -> None:
+        """Start a new stream: the next step's carried inputs are zeros (or what the batch gives)."""
+        self.carried.clear()
+
     def _feeds(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if self.carry_nodes:
+            batch = {**{name: self._carried(name) for name in self.carry_nodes if name not in batch}, **batch}
         drawn = [m for m in self.dropout_masks if m.name not in batch]
         missing = [n for n in self.inputs if n not in batch and all(n != m.name for m in drawn)]
         if missing:
@@ -222,7 +260,10 @@ class TrainStep:
         communicator: this rank's own, not averaged)."""
         feeds = self._feeds(batch)
         outs = self.compiled(**{n: feeds[n] for n in self.compiled.input_names})
-        return float(outs[0]), dict(zip(self.param_names, outs[1:]))
+        n = len(self.param_names)
+        for name, value in zip(self.carry_nodes, outs[1 + n:]):
+            self.carried[name] = np.array(value)   # gradient cut: fed back as an input
+        return float(outs[0]), dict(zip(self.param_names, outs[1:1 + n]))
 
     def evaluate(self, batch: Mapping[str, Any]) -> float:
         """The loss on a batch with the current values (forward only, compiled on first use)."""
