@@ -3,27 +3,29 @@
 The corpus is offline: the source of a few standard-library modules (textwrap, heapq, string, shlex,
 glob, fnmatch), read from the running interpreter's installation. An LSTM reads T characters
 (one-hot) and predicts the next character at every step (ur.nn.many_to_many + cross_entropy);
-the last 10% of the text is held out. Sampling runs inside one compiled graph: a scan whose step
-feeds the chosen character back as the next input. Choosing is the Gumbel-max trick,
-argmax(logits / temperature + g) with Gumbel noise g given as an input sequence (the IR has no random
-ops): zero noise gives greedy decoding, drawn noise gives samples at that temperature.
+the last 10% of the text is held out. Training is truncated BPTT across calls, the usual way on a
+long corpus: the text is cut into `batch` contiguous streams read T characters at a time, and each
+chunk starts from the (h, c) the previous chunk ended in (`ur.TrainStep(..., carry={"h0": h_n,
+"c0": c_n})`), its gradient cut at the chunk boundary; a pass over the streams starts from zeros.
+Sampling runs inside one compiled graph: a scan whose step feeds the chosen character back as the
+next input. Choosing is the Gumbel-max trick, argmax(logits / temperature + g) with Gumbel noise g
+given as an input sequence (the IR has no random ops): zero noise gives greedy decoding, drawn
+noise gives samples at that temperature.
 
-Measured (2-core x86 machine shared with other jobs, numpy backend, one BLAS thread, 83 kB of text,
-158 symbols, LSTM H=128, T=48, batch 32, 1200 steps, Adam lr 5e-3, `python examples/char_lm.py`,
-92 s in all):
-    held-out loss 2.80 bits/char (unigram baseline 4.42 bits/char), 92 s of training
-    greedy from "def ":   def include_hidden=False, and the string whitespace characters the lengin
-                          string the string will be string will be self.state = '''
-    sampled at T=0.8:     def wer"
-                          # sest in token in its coduen
-                                      # push fin in of result.apper 'reculsipy
+Measured (2-core x86 machine, numpy backend, one BLAS thread, 83 kB of text, 158 symbols, LSTM
+H=128, T=48, 32 streams, 1200 steps (about 26 passes over the streams), Adam lr 5e-3,
+`python examples/char_lm.py`):
+    held-out loss 2.70 bits/char (unigram baseline 4.42 bits/char), 109 s of training
+    greedy from "def ":   def to the line is None:
+    sampled at T=0.8:     def cuncliotto
+                                          profix od at string as infine and return ot child sorted
 (the corpus is the running interpreter's own library: these are for Python 3.11.7's)
 
 Re-derived by tests/test_examples.py with the same seeds: the default tests run the quick size (the
 first 4000 characters, LSTM H=16, T=12, batch 8, 3 steps), `pytest -m slow` the full run above:
-    main(quick=True) -> bits_per_char=6.363 unigram_bits=4.697 greedy="def xxxwxxxw"
-    main()           -> bits_per_char=2.80 unigram_bits=4.42
-    main()           -> greedy="def include_hidden=False, and the string whitespace characters the lengin"
+    main(quick=True) -> bits_per_char=6.377 unigram_bits=4.697 greedy="def xwxwxwxwxw"
+    main()           -> bits_per_char=2.70 unigram_bits=4.42
+    main()           -> greedy="def to the line is None:"
 
     python examples/char_lm.py [--quick] [--backend numba] [--epochs N] [--hidden H]
 """
@@ -80,9 +82,10 @@ class CharLM(ur.nn.Module):
     def onehot(self, ids: ur.Node) -> ur.Node:
         return ur.cast(ur.onehot(ids, self.vocab), "float32")
 
-    def forward(self, ids: ur.Node) -> ur.Node:
-        out, _ = self.rnn(self.onehot(ids))
-        return ur.nn.many_to_many(out, self.head)            # (T, B, V) logits of the next char
+    def forward(self, ids: ur.Node, state: tuple[ur.Node, ur.Node] | None = None) -> tuple[ur.Node, tuple]:
+        """(T, B, V) logits of the next char, and the final (h, c) (the next chunk's start)."""
+        out, final = self.rnn(self.onehot(ids), state)
+        return ur.nn.many_to_many(out, self.head), final
 
     def generate(self, prompt: ur.Node, noise: ur.Node, inv_temp: ur.Node) -> ur.Node:
         """Read `prompt` (P, B) ids, then emit len(noise) characters, each fed back as the next
@@ -97,6 +100,15 @@ class CharLM(ur.nn.Module):
             return (s, self.onehot(ids)), ids
         _, ids = ur.scan(step, init=(state, last), xs=noise)
         return ids
+
+
+def streams(ids: np.ndarray, batch: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """The text as `batch` contiguous streams read T characters at a time: inputs and next-char
+    targets (chunks, T, batch); chunk k + 1 of a stream continues chunk k."""
+    length = (len(ids) - 1) // batch // T * T
+    starts = np.arange(batch) * length
+    idx = starts[None, :] + np.arange(length)[:, None]                       # (length, batch)
+    return ids[idx].reshape(-1, T, batch), ids[idx + 1].reshape(-1, T, batch)
 
 
 def windows(ids: np.ndarray, T: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +131,7 @@ def main(quick: bool = False, backend: str = "numpy", epochs: int | None = None,
     split = int(0.9 * len(ids))
     train_ids, test_ids = ids[:split], ids[split:]
     rng = np.random.default_rng(seed)
-    x_train, y_train = windows(train_ids, T, steps * batch, rng)
+    x_train, y_train = streams(train_ids, batch, T)
     x_test, y_test = windows(test_ids, T, 8 if quick else 256, rng)
     counts = np.bincount(train_ids, minlength=len(vocab)) + 1
     unigram_bits = float(-(counts / counts.sum() * np.log2(counts / counts.sum())).sum())
@@ -129,14 +141,24 @@ def main(quick: bool = False, backend: str = "numpy", epochs: int | None = None,
     model = CharLM(len(vocab), hidden, seed=seed)
     x = ur.input("x", (T, batch), "int32")
     y = ur.input("y", (T, batch), "int32")
-    loss = ur.nn.cross_entropy(model(x), y)
+    h0, c0 = ur.input("h0", (1, batch, hidden)), ur.input("c0", (1, batch, hidden))
+    logits, (h_n, c_n) = model(x, (h0, c0))
+    loss = ur.nn.cross_entropy(logits, y)
+    # truncated BPTT across calls: each chunk starts from the state the previous one ended in
+    # (its gradient cut at the chunk boundary); a pass over the streams starts from zeros
+    trainer = ur.TrainStep(loss, model, optimizer=ur.Adam(lr=5e-3), clip=1.0, backend=backend,
+                           carry={"h0": h_n, "c0": c_n})
     start = time.perf_counter()
-    ur.fit(loss, model, {"x": x_train, "y": y_train}, epochs=epochs, optimizer=ur.Adam(lr=5e-3), clip=1.0,
-        backend=backend, seed=seed)
+    for k in range(steps * epochs):
+        chunk = k % len(x_train)
+        if chunk == 0:
+            trainer.reset_carry()
+        trainer.step({"x": x_train[chunk], "y": y_train[chunk]})
+    trainer.write_back()
     seconds = time.perf_counter() - start
 
     x_eval, y_eval = ur.input("x_eval", x_test.shape, "int32"), ur.input("y_eval", y_test.shape, "int32")
-    eval_loss = ur.compile(ur.nn.cross_entropy(model(x_eval), y_eval), backend=backend)
+    eval_loss = ur.compile(ur.nn.cross_entropy(model(x_eval)[0], y_eval), backend=backend)
     bits = float(eval_loss(x_eval=x_test, y_eval=y_test, **model.state_dict())) / math.log(2)
     print(f"  held-out loss {bits:.2f} bits/char (unigram baseline {unigram_bits:.2f}), "
           f"trained in {seconds:.0f} s")
