@@ -497,7 +497,7 @@ class Renderer:
                 raise Unsupported("chained comparison")
             return self._compare(e.ops[0], self._expr(e.left), self._expr(e.comparators[0]))
         if isinstance(e, ast.BoolOp):
-            return self._branches(lambda: self._expr(e.values[0]), e)
+            return self._bool_op(e)
         if isinstance(e, ast.IfExp):
             return self._ifexp(e)
         if isinstance(e, ast.Subscript):
@@ -509,11 +509,11 @@ class Renderer:
             return self._call(e)
         raise Unsupported(f"expression {type(e).__name__}")
 
-    def _branches(self, first: Callable, e: ast.BoolOp):
-        """`a and b`, `a or b` (short-circuit) as bools."""
+    def _bool_op(self, e: ast.BoolOp) -> Scalar:
+        """`a and b`, `a or b` (short-circuit: the right side may read what the left one guards)."""
         b = self.b
         result = self._slot(I1)
-        left = self._truth(first())
+        left = self._truth(self._expr(e.values[0]))
         b.store(left, result)
         for value in e.values[1:]:
             go_on = left if isinstance(e.op, ast.And) else b.not_(left)
@@ -708,7 +708,6 @@ class Renderer:
     # ---- calls -----------------------------------------------------------------------------------
 
     def _call(self, e: ast.Call):
-        b = self.b
         if e.keywords:
             raise Unsupported("keyword arguments")
         if isinstance(e.func, ast.Attribute) and e.func.attr == "reshape" and len(e.args) == 1:
