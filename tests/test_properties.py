@@ -219,9 +219,9 @@ def test_optimize_preserves_values(examples):
 
 # ---- Numba CPU -----------------------------------------------------------------------------------
 
-@budget(default=8, slow=130)
-def test_numba_equals_reference(examples):
-    """float32 and float64 graphs, their unrollings and training graphs, with and without passes."""
+def _check_numba_equals_reference(examples: int, what: str) -> None:
+    """Random float32/float64 graphs, their unrollings and training graphs, with and without
+    passes, on the CPU backend as the environment configures it, against the reference."""
     pytest.importorskip("numba")
 
     @given(st.sampled_from(FLOATS).flatmap(lambda dtype: graphs(dtype=dtype, max_loops=2)), VARIANTS,
@@ -230,25 +230,22 @@ def test_numba_equals_reference(examples):
         graph = variant(graph, kind)
         feeds = random_feeds(graph, seed)
         with tolerating_known_bugs(graph, "numba"):
-            assert_close(numba_run(graph, feeds, optimize), evaluate(graph, feeds), f"numba optimize={optimize}")
+            assert_close(numba_run(graph, feeds, optimize), evaluate(graph, feeds), f"{what} optimize={optimize}")
     run(check, examples)
+
+
+@budget(default=8, slow=130)
+def test_numba_equals_reference(examples):
+    """float32 and float64 graphs, their unrollings and training graphs, with and without passes."""
+    _check_numba_equals_reference(examples, "numba")
 
 
 @budget(default=3, slow=40)
 def test_numba_codegen_equals_reference(examples, monkeypatch):
     """The same through Numba's compiler (UNROLL_CPU_CODEGEN=numba): the fallback for source the
     native renderer refuses, and the way to step around it, must keep the reference's meaning."""
-    pytest.importorskip("numba")
     monkeypatch.setenv("UNROLL_CPU_CODEGEN", "numba")
-
-    @given(st.sampled_from(FLOATS).flatmap(lambda dtype: graphs(dtype=dtype, max_loops=2)), VARIANTS,
-           st.booleans(), SEEDS)
-    def check(graph, kind, optimize, seed):
-        graph = variant(graph, kind)
-        feeds = random_feeds(graph, seed)
-        with tolerating_known_bugs(graph, "numba"):
-            assert_close(numba_run(graph, feeds, optimize), evaluate(graph, feeds), f"numba codegen optimize={optimize}")
-    run(check, examples)
+    _check_numba_equals_reference(examples, "numba codegen")
 
 
 @budget(default=4, slow=6)

@@ -183,13 +183,12 @@ class Renderer:
                 self.vars[name] = var
             if var.kind != "scalar":
                 raise Unsupported(f"{name} changes type")
-            if var.dtype != value.dtype:   # Numba unifies int widths; floats must agree
-                if not (_is_int(var.dtype) and _is_int(value.dtype)) and not (
-                        var.dtype in FLOATS and value.dtype in FLOATS):
+            if var.dtype != value.dtype:   # only a widening into the name's type (Numba unifies them)
+                widens = (var.dtype == "int64" and _is_int(value.dtype)) or (
+                    var.dtype == "float64" and value.dtype in FLOATS)
+                if not widens:
                     raise Unsupported(f"{name} changes type")
-                value = self._as(value, var.dtype) if var.dtype == "int64" or var.dtype == "float64" else value
-                if var.dtype != value.dtype:
-                    raise Unsupported(f"{name} changes type")
+                value = self._as(value, var.dtype)
             self.b.store(value.value, var.slots[0])
 
     def _load(self, name: str) -> Scalar | Array:
@@ -224,13 +223,12 @@ class Renderer:
         free = self._extern("free", ir.VoidType(), [VOIDP])
         n_out = len(self.out_ndims)
         bases = [self.b.load(self.b.gep(self.outs_p, [ir.Constant(I64, 2 * r + 1)])) for r in range(n_out)]
-        failed = self.b.icmp_signed("!=", self.b.load(self.status_p), ir.Constant(I64, 0))
+        # (after an error no output was stored: every base is null, every buffer is freed)
         for k in range(self.n_allocs):
             ptr = self.b.load(self._alloc_slot(k))
             keep = ir.Constant(I1, 0)
             for base in bases:
                 keep = self.b.or_(keep, self.b.icmp_unsigned("==", ptr, base))
-            keep = self.b.and_(keep, self.b.not_(failed))
             # free(NULL) is a no-op: no branch per buffer (a block per buffer made LLVM's tail
             # merging quadratic in a kernel's buffers)
             self.b.call(free, [self.b.select(keep, ir.Constant(VOIDP, None), ptr)])
@@ -263,7 +261,7 @@ class Renderer:
                 return
             self._assign_to(target, self._expr(s.value))
         elif isinstance(s, ast.AugAssign):
-            self._assign_to(s.target, self._binop(s.op, self._expr(_as_load(s.target)), self._expr(s.value)))
+            self._assign_to(s.target, self._binop(s.op, self._expr(s.target), self._expr(s.value)))
         elif isinstance(s, ast.For):
             if self.fn is self.main and _outlinable(s):
                 self._outline(s)
@@ -300,8 +298,9 @@ class Renderer:
         copied in at its start and out at its end."""
         used = {n.id for n in ast.walk(s) if isinstance(n, ast.Name) and n.id in self.vars}
         stored = {n.id for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        written_names = used & stored
         read_only = [(name, self.vars[name]) for name in sorted(used - stored)]
-        written = [(name, self.vars[name]) for name in sorted(used & stored)]
+        written = [(name, self.vars[name]) for name in sorted(written_names)]
         values = [self.b.load(slot) for _, var in read_only for slot in var.slots]
         pointers = [slot for _, var in written for slot in var.slots]
         self.parts += 1
@@ -322,7 +321,7 @@ class Renderer:
             self.vars[name] = local
             for slot in local.slots:
                 arg = next(args)
-                if (name, var) in written:
+                if name in written_names:
                     self.b.store(self.b.load(arg), slot)
                     copy_out.append((slot, arg))
                 else:
@@ -818,7 +817,7 @@ class Renderer:
         integers), called as Numba's `numba_xxgemm` (cpu.blas) calls it."""
         self._arrays(args, "ssssssxasasxas")
         b = self.b
-        kind, ta, tb, m, n, k, alpha, a, lda, bb, ldb, beta, c, ldc = args
+        _kind, ta, tb, m, n, k, alpha, a, lda, bb, ldb, beta, c, ldc = args   # the dtype gives the kind
         if not (a.dtype == bb.dtype == c.dtype in FLOATS):
             raise Unsupported("xxgemm types")
         i32p, fp = I32.as_pointer(), STORED[c.dtype].as_pointer()
@@ -838,7 +837,6 @@ class Renderer:
 
         def int32(s: Scalar) -> ir.Value:
             return slot(b.trunc(self._int(s), I32))
-        del kind   # the dtype says it
         b.call(fn, [char(ta), char(tb), int32(m), int32(n), int32(k), slot(self._cast(alpha, c.dtype)),
                     a.data, int32(lda), bb.data, int32(ldb), slot(self._cast(beta, c.dtype)), c.data, int32(ldc)])
         return Scalar(ir.Constant(I1, 0), "bool")
@@ -893,11 +891,6 @@ def _dtype_name(e: ast.expr) -> str:
     if not name.startswith("np.") or name[3:] not in CASTS:
         raise Unsupported(f"dtype {name}")
     return "bool" if name == "np.bool_" else name[3:]
-
-
-def _as_load(target: ast.expr) -> ast.expr:
-    copy = ast.parse(ast.unparse(target), mode="eval").body
-    return copy
 
 
 MATH_INTRINSICS = {"exp": "exp", "log": "log", "sin": "sin", "cos": "cos", "sqrt": "sqrt", "fabs": "fabs",
