@@ -40,26 +40,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 import unroll as ur
+from unroll.data import MONTHS, date_text, random_dates
 
-MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september",
-          "october", "november", "december")
 PAD, START = "_", "^"
 SOURCE_CHARS = [PAD] + sorted(set("0123456789 ,/" + "".join(MONTHS)))
 TARGET_CHARS = [START] + list("0123456789-")
 SOURCE_LENGTH = 18                        # "30 september, 2024" is the longest
 TARGET_LENGTH = 10                        # YYYY-MM-DD
-
-
-def random_dates(n: int, rng: np.random.Generator) -> list[datetime.date]:
-    first, last = datetime.date(1950, 1, 1).toordinal(), datetime.date(2049, 12, 31).toordinal()
-    return [datetime.date.fromordinal(int(d)) for d in rng.integers(first, last + 1, n)]
-
-
-def write_out(date: datetime.date, style: int) -> str:
-    """One of four human formats."""
-    month = MONTHS[date.month - 1]
-    return [f"{date.day} {month} {date.year}", f"{month[:3]} {date.day:02d} {date.year}",
-            f"{date.day:02d}/{date.month:02d}/{date.year}", f"{month} {date.day}, {date.year}"][style]
 
 
 def encode(dates: list[datetime.date], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +56,7 @@ def encode(dates: list[datetime.date], rng: np.random.Generator) -> tuple[np.nda
     src = np.zeros((SOURCE_LENGTH, len(dates)), np.int32)
     tgt = np.zeros((TARGET_LENGTH, len(dates)), np.int32)
     for n, (date, style) in enumerate(zip(dates, rng.integers(0, 4, len(dates)))):
-        text = write_out(date, int(style))
+        text = date_text(date, int(style))
         src[SOURCE_LENGTH - len(text):, n] = [src_ids[c] for c in text]
         tgt[:, n] = [tgt_ids[c] for c in date.isoformat()]
     return src, tgt

@@ -1,4 +1,4 @@
-"""Synthetic sequence tasks for RNNs: the adding problem, copy memory, moving-digit clips (seeded numpy).
+"""Synthetic sequence tasks for RNNs: the adding problem, copy memory, moving-digit clips, dates (seeded numpy).
 
 Both follow Bai, Kolter & Koltun 2018, "An Empirical Evaluation of Generic Convolutional and
 Recurrent Networks for Sequence Modeling" (the TCN paper, section 5 and its code
@@ -32,10 +32,15 @@ description (the S2VT setting of Venugopalan et al. 2015, in miniature). Each cl
 pixel per frame left, right, up or down across an empty canvas, without leaving it; where it starts
 along the other axis is random. `describe(digit, direction)` gives the clip's sentence, "three moves
 left". Pass disjoint image sets for training and test clips so test clips show unseen handwriting.
+
+Dates (`random_dates(n, rng)`, `date_text(date, style)`): the translation task of the
+encoder-decoder examples, days from 1950 to 2049 written in one of four human formats ("7 march
+1994", "mar 07 1994", "07/03/1994", "march 7, 1994"), to be translated to ISO 1994-03-07.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import NamedTuple
 
@@ -147,3 +152,21 @@ def moving_digits(images: np.ndarray, labels: np.ndarray, n: int, frames: int = 
 def describe(digit: int, direction: int) -> str:
     """The sentence of a moving-digit clip: `describe(3, 0)` is "three moves left"."""
     return f"{DIGIT_NAMES[digit]} moves {DIRECTIONS[direction]}"
+
+
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september",
+          "october", "november", "december")
+
+
+def random_dates(n: int, rng: np.random.Generator) -> list[datetime.date]:
+    """`n` days drawn uniformly from 1950-01-01 to 2049-12-31."""
+    first, last = datetime.date(1950, 1, 1).toordinal(), datetime.date(2049, 12, 31).toordinal()
+    return [datetime.date.fromordinal(int(d)) for d in rng.integers(first, last + 1, n)]
+
+
+def date_text(date: datetime.date, style: int) -> str:
+    """`date` in human format `style` (0..3): "7 march 1994", "mar 07 1994", "07/03/1994",
+    "march 7, 1994"."""
+    month = MONTHS[date.month - 1]
+    return [f"{date.day} {month} {date.year}", f"{month[:3]} {date.day:02d} {date.year}",
+            f"{date.day:02d}/{date.month:02d}/{date.year}", f"{month} {date.day}, {date.year}"][style]
