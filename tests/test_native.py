@@ -6,8 +6,12 @@ corners, the fallback to Numba, buffer ownership, and the object cache's key."""
 from __future__ import annotations
 
 import gc
+import json
+import os
 import re
 import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -146,12 +150,68 @@ def test_threads_call_one_kernel_at_once():
 def test_top_level_loop_nests_are_functions_of_their_own():
     """What keeps compile time linear in the graph: each top-level loop nest is optimised and
     compiled as a function of its own (tail merging, the register allocator and the loop
-    vectoriser were superlinear in one function's size)."""
+    vectoriser were superlinear in one function's size), and nests that differ only in their
+    names (the six layers here) share one function, compiled once."""
     x = ur.input("x", (8, 16))
     h = x
     for i in range(6):
         h = ur.tanh(h @ ur.param(f"w{i}", (16, 16)) + ur.param(f"b{i}", (16,)))
     kernel = numba_cpu.compile_graph(ur.graph([ur.sum(h)]))
     loops = sum(line.startswith("    for ") for line in kernel.source.splitlines())
-    parts = set(re.findall(r"define internal [^@\n]*@\"?(unroll_part\d+)", kernel.llvm_ir()))
-    assert loops >= 6 and len(parts) == loops
+    ir_text = kernel.llvm_ir()
+    parts = set(re.findall(r"define internal [^@\n]*@\"?(unroll_part\d+)", ir_text))
+    calls = re.findall(r"call [^@\n]*@\"?(unroll_part\d+)", ir_text)
+    assert loops >= 6 and len(calls) == loops and len(parts) <= loops - 5
+    layer = max(set(calls), key=calls.count)   # the tanh layer's nest, called once per layer
+    assert calls.count(layer) == 6
+
+
+
+_RUNTIME_SCRIPT = r'''
+import json, sys, warnings
+import numpy as np
+import unroll as ur
+from unroll.bench import make_data, unroll_model
+# an RNN step: its recurrent product (16 x 64 x 64) goes through the packed micro-kernel
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    graph, model = unroll_model(sys.argv[1], 6, 16, 32, 64)
+    x, y = make_data(6, 16, 32, 64)
+    out = ur.compile(graph, backend="numba")(x=x, y=y, **model.state_dict())
+    ref = ur.compile(graph, backend="numpy")(x=x, y=y, **model.state_dict())
+print(json.dumps({"value": float(out[0]), "reference": float(ref[0]),
+                  "warnings": [str(c.message) for c in caught]}))
+'''
+
+
+def _run_runtime_script(kind: str, cache_dir) -> dict:
+    env = {**os.environ, "UNROLL_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT, kind], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_runtime_library_is_compiled_once_and_a_damaged_copy_is_rebuilt(tmp_path):
+    """The packed-gemm code every kernel calls is one cached object per machine: a second graph
+    in a new process reuses it, and a damaged copy is reported in one warning line and rebuilt."""
+    first = _run_runtime_script("rnn", tmp_path)
+    runtime = sorted(tmp_path.glob("unroll_runtime_f32_*.o"))
+    assert len(runtime) == 1 and first["warnings"] == []   # float32 only: nothing here calls the f64 one
+    size = runtime[0].stat().st_size
+    runtime[0].write_bytes(runtime[0].read_bytes()[:100])   # truncated
+    second = _run_runtime_script("gru", tmp_path)
+    assert [w for w in second["warnings"] if "damaged cache entry" in w and "unroll_runtime_" in w]
+    assert sorted(tmp_path.glob("unroll_runtime_f32_*.o")) == runtime and runtime[0].stat().st_size == size
+    assert second["value"] == pytest.approx(second["reference"], rel=1e-4)
+    third = _run_runtime_script("gru", tmp_path)   # everything cached and sound: no warning
+    assert third["warnings"] == [] and third["value"] == second["value"]
+
+
+def test_kernels_declare_the_runtime_library_instead_of_holding_it():
+    x = ur.input("x", (4, 32))
+    kernel = numba_cpu.compile_graph(ur.graph([ur.sum(x @ ur.param("w", (32, 32)))]))
+    text = kernel.llvm_ir()
+    if "unroll_gemm_f32" in text:   # the small product went through the packed micro-kernel
+        assert re.search(r"declare [^\n]*@\"?unroll_gemm_f32\b", text)
+        assert not re.search(r"define [^\n]*@\"?unroll_gemm_f32\b", text)

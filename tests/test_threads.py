@@ -11,7 +11,8 @@ pytest.importorskip("numba")
 import unroll as ur  # noqa: E402
 from unroll.backends.cpu import backend, threads  # noqa: E402
 
-_VARS = ("UNROLL_NUMBA_BLAS_THREADS", "UNROLL_NUMBA_BLAS_LOOP_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+_VARS = ("UNROLL_NUMBA_BLAS_THREADS", "UNROLL_NUMBA_BLAS_LOOP_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+         "UNROLL_MAX_THREADS")
 
 
 @pytest.fixture
@@ -33,6 +34,18 @@ def test_large_work_takes_the_free_cores(adaptive):
     assert threads.choose(threads.MIN_MACS_FOR_THREADS) == (1, 1)
     adaptive.setattr(threads._FREE, "now", lambda: 0.0)   # fully loaded: still one
     assert threads.choose(threads.MIN_MACS_FOR_THREADS) == (1, 1)
+
+
+def test_a_cap_keeps_both_rules(adaptive):
+    """UNROLL_MAX_THREADS (what each MPI rank gets) bounds the count; small work still takes one
+    thread and busy cores are still left alone."""
+    adaptive.setattr(threads._FREE, "cores", 8)
+    adaptive.setattr(threads._FREE, "now", lambda: 8.0)
+    adaptive.setenv("UNROLL_MAX_THREADS", "3")
+    assert threads.choose(threads.MIN_MACS_FOR_THREADS) == (3, 3)
+    assert threads.choose(threads.MIN_MACS_FOR_THREADS - 1) == (1, 1)
+    adaptive.setattr(threads._FREE, "now", lambda: 2.0)
+    assert threads.choose(threads.MIN_MACS_FOR_THREADS) == (2, 2)
 
 
 def test_the_users_setting_wins(adaptive):

@@ -42,7 +42,9 @@ import numpy as np
 
 INSTALL_HINT = 'pip install "unroll[mpi]" (that is: pip install mpi4py mpich; it brings mpiexec)'
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait; UNROLL_MPI_TIMEOUT overrides
-THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "UNROLL_NUMBA_BLAS_THREADS")
+# the user's thread settings: any of them set, set_threads leaves threads alone
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "UNROLL_NUMBA_BLAS_THREADS",
+                    "UNROLL_MAX_THREADS")
 
 _default_comm: Any = None
 
@@ -361,17 +363,17 @@ def threads_for(cores: int, ranks_on_node: int, environ: Mapping[str, str]) -> i
 def set_threads(comm: Any, watchdog: Watchdog | None = None) -> int | None:
     """Give this rank its share of the node's cores for BLAS: cores // ranks on the node, so that
     N ranks x their threads never oversubscribe the machine. Does nothing (returns None) when the
-    user set OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS or UNROLL_NUMBA_BLAS_THREADS,
-    or when this is the node's only rank. Sets those variables (for libraries loaded later, and
-    the Numba backend's BLAS, which reads them per call) and limits the BLAS libraries already
-    loaded (numpy's OpenBLAS) through threadpoolctl. Collective: every rank must call it."""
+    user set any of THREAD_VARIABLES, or when this is the node's only rank. Sets
+    UNROLL_MAX_THREADS, a cap under which the CPU backend's own rules still apply (small products
+    on one thread, only free cores; OPENBLAS_NUM_THREADS would fix the count and turn them off),
+    and limits the BLAS libraries already loaded (numpy's OpenBLAS) through threadpoolctl.
+    Collective: every rank must call it."""
     ranks = local_ranks(comm, watchdog)  # first, so that every rank takes part whatever it decides
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     count = threads_for(cores, ranks, os.environ)
     if count is None:
         return None
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(count)
+    os.environ["UNROLL_MAX_THREADS"] = str(count)
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=count)

@@ -30,6 +30,7 @@ caller raises the Python exception.
 from __future__ import annotations
 
 import ast
+import copy
 import ctypes
 import functools
 import json
@@ -43,6 +44,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 
 from .. import cache
+from .fuse import fuse_loops
 from .kernels_ir import _aligned, _gemm_function, _pack_function, fmuladd_ir, ldexp_ir, pow2_ir, scale_ir
 
 
@@ -125,6 +127,9 @@ class Renderer:
         self.scratch: dict[tuple[str, str, int], ir.Value] = {}
         self.oom_block: ir.Block | None = None
         self.parts = 0
+        self.main_loops = 0   # loops rendered in the kernel function itself (not outlined)
+        self.runtime: set[int] = set()   # the float widths whose runtime library the kernel calls
+        self.outlined: dict[tuple, ir.Function] = {}   # a loop nest's renamed ast and types -> its function
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -207,6 +212,7 @@ class Renderer:
         fdef = tree.body[0]
         if not isinstance(fdef, ast.FunctionDef) or len(fdef.args.args) != len(self.arg_types):
             raise Unsupported("expected def kernel(...) with one argument per array")
+        fdef = fuse_loops(fdef)   # one nest where the emitters wrote one per elementwise node
         args_p, shapes_p, self.outs_p, self.oshapes_p, self.status_p, self.allocs_p = self.fn.args
         offset = 0
         for k, (param, (dtype, ndim)) in enumerate(zip(fdef.args.args, self.arg_types)):
@@ -241,6 +247,12 @@ class Renderer:
             self.allocas.store(ir.Constant(VOIDP, None), self.allocas.gep(self.outs_p, [ir.Constant(I64, r)]))
         self.allocas.store(ir.Constant(I64, 0), self.status_p)
         self.allocas.branch(self.fn.basic_blocks[1])
+        if not self.main_loops:
+            # straight-line code that runs once per call (every loop is a function of its own):
+            # not optimised, it costs microseconds per call; optimised, it was a third of a TCN's
+            # LLVM time (thousands of lines of views and BLAS arguments)
+            self.fn.attributes.add("optnone")
+            self.fn.attributes.add("noinline")
 
     def _block(self, stmts: list[ast.stmt]) -> None:
         for stmt in stmts:
@@ -295,17 +307,26 @@ class Renderer:
         with their product: one function holding a 1000-op graph took minutes in the loop vectoriser
         and the register allocator. Names the loop only reads are passed by value; names it assigns
         (an accumulator, carries swapped at the end of a step) by pointers to the caller's slots,
-        copied in at its start and out at its end."""
-        used = {n.id for n in ast.walk(s) if isinstance(n, ast.Name) and n.id in self.vars}
+        copied in at its start and out at its end. Nests that differ only in the names they use
+        (every layer of a deep stack, every level of a TCN) share one function: it is compiled
+        once, whatever the depth."""
+        order = list(dict.fromkeys(n.id for n in ast.walk(s) if isinstance(n, ast.Name)))
         stored = {n.id for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        written_names = used & stored
-        read_only = [(name, self.vars[name]) for name in sorted(used - stored)]
-        written = [(name, self.vars[name]) for name in sorted(written_names)]
+        written_names = {name for name in order if name in self.vars and name in stored}
+        read_only = [(name, self.vars[name]) for name in order if name in self.vars and name not in stored]
+        written = [(name, self.vars[name]) for name in order if name in written_names]
         values = [self.b.load(slot) for _, var in read_only for slot in var.slots]
         pointers = [slot for _, var in written for slot in var.slots]
+        canonical = {name: f"v{k}" for k, name in enumerate(order)}
+        key = (_renamed_dump(s, canonical),
+               tuple((canonical[name], var.kind, var.dtype, len(var.slots)) for name, var in read_only + written))
+        part = self.outlined.get(key)
+        if part is not None:
+            self.b.call(part, values + pointers)
+            return
         self.parts += 1
         fnty = ir.FunctionType(ir.VoidType(), [v.type for v in values] + [p.type for p in pointers])
-        part = ir.Function(self.module, fnty, f"unroll_part{self.parts}")
+        part = self.outlined[key] = ir.Function(self.module, fnty, f"unroll_part{self.parts}")
         part.linkage = "internal"
         part.attributes.add("noinline")
         part.attributes.add("nounwind")
@@ -363,25 +384,39 @@ class Renderer:
         return self.b.zext(v, I8) if dtype == "bool" else v
 
     def _fill(self, view: Array, value: Scalar) -> None:
-        """Every element of a contiguous view set to `value`."""
+        """Every element of a contiguous view set to `value`: a call of the module's fill function
+        for the element type (so that the kernel function itself stays free of loops)."""
         b = self.b
         count = ir.Constant(I64, 1)
         for n in view.shape:
             count = b.mul(count, n)
         v = self._stored(value, view.dtype)
-        counter = self._slot(I64)
-        b.store(ir.Constant(I64, 0), counter)
-        head, body, done = (self.fn.append_basic_block(n) for n in ("fill.head", "fill.body", "fill.end"))
+        b.call(self._fill_function(v.type), [view.data, count, v])
+
+    def _fill_function(self, ty: ir.Type) -> ir.Function:
+        name = f"unroll_fill_{str(ty).replace(' ', '')}"
+        fn = self.module.globals.get(name)
+        if fn is not None:
+            return fn
+        fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [ty.as_pointer(), I64, ty]), name)
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")
+        fn.attributes.add("nounwind")
+        data, count, v = fn.args
+        entry, head, body, done = (fn.append_basic_block(n) for n in ("entry", "head", "body", "end"))
+        b = ir.IRBuilder(entry)
         b.branch(head)
         b.position_at_end(head)
-        i = b.load(counter)
+        i = b.phi(I64)
+        i.add_incoming(ir.Constant(I64, 0), entry)
         b.cbranch(b.icmp_signed("<", i, count), body, done)
         b.position_at_end(body)
-        b.store(v, b.gep(view.data, [i]))
-        b.store(b.add(i, ir.Constant(I64, 1)), counter)
+        b.store(v, b.gep(data, [i]))
+        i.add_incoming(b.add(i, ir.Constant(I64, 1)), body)
         b.branch(head)
         b.position_at_end(done)
-
+        b.ret_void()
+        return fn
 
     def _for(self, s: ast.For) -> None:
         it = s.iter
@@ -400,6 +435,7 @@ class Renderer:
         # the loop runs on its own counter, so the body may read but not redirect it
         counter = self._slot(I64)
         b.store(start, counter)
+        self.main_loops += self.fn is self.main
         head = self.fn.append_basic_block("for.head")
         body = self.fn.append_basic_block("for.body")
         done = self.fn.append_basic_block("for.end")
@@ -792,9 +828,17 @@ class Renderer:
         trans = self._truth(trans_s)
         k = b.select(trans, w.shape[1], w.shape[0])
         n = b.select(trans, w.shape[0], w.shape[1])
-        fn = _pack_function(self.module, bits)
+        fn = self._runtime_function(_pack_function, bits)
         b.call(fn, [w.data, w.shape[1], k, n, b.zext(trans, I32), _aligned(b, packed.data)])
         return Scalar(ir.Constant(I1, 0), "bool")
+
+    def _runtime_function(self, build: Callable[[ir.Module, int], ir.Function], bits: int) -> ir.Function:
+        """A declaration of the runtime library's function that `build` defines (the library is
+        compiled once per machine: `runtime_library`)."""
+        name, fnty = _runtime_signature(build, bits)
+        self.runtime.add(bits)
+        fn = self.module.globals.get(name)
+        return fn if fn is not None else ir.Function(self.module, fnty, name)
 
     def _packed_gemm(self, args) -> Scalar:
         self._arrays(args, "asaas")
@@ -807,7 +851,7 @@ class Renderer:
         lda = a.shape[1]
         row_stride, k_stride = b.select(trans, one, lda), b.select(trans, lda, one)
         m, k = b.select(trans, a.shape[1], a.shape[0]), b.select(trans, a.shape[0], a.shape[1])
-        fn = _gemm_function(self.module, bits)
+        fn = self._runtime_function(_gemm_function, bits)
         b.call(fn, [a.data, row_stride, k_stride, m, k, _aligned(b, packed.data), c.shape[1], c.data,
                     c.shape[1], b.zext(self._truth(acc_s), I32)])
         return Scalar(ir.Constant(I1, 0), "bool")
@@ -849,6 +893,16 @@ class Renderer:
         with b.if_then(b.icmp_unsigned("!=", ptr, ir.Constant(I64, 0)), likely=True):
             b.call(b.inttoptr(ptr, fnty.as_pointer()), [b.trunc(threads, I32)])
         return Scalar(ir.Constant(I1, 0), "bool")
+
+
+def _renamed_dump(s: ast.stmt, names: dict[str, str]) -> str:
+    """`s`'s ast, dumped with every name replaced by `names[name]` (two nests with equal dumps
+    differ only in the names they use)."""
+    renamed = copy.deepcopy(s)
+    for n in ast.walk(renamed):
+        if isinstance(n, ast.Name):
+            n.id = names[n.id]
+    return ast.dump(renamed)
 
 
 def _outlinable(s: ast.stmt) -> bool:
@@ -978,12 +1032,120 @@ def scipy_cython_blas():
         return cython_blas
 
 
-def _optimize(module: llvm.ModuleRef, machine) -> None:
+def _optimize(module: llvm.ModuleRef, machine, slp: bool = False) -> None:
+    """LLVM's O3 pipeline with loop vectorisation. SLP vectorisation (straight-line code packed into
+    vectors) only where asked, for the runtime library: a kernel's loops are vectorised by the loop
+    vectoriser and its straight-line code runs once per call, and SLP took 0.3 s of an LSTM
+    step's 1.3 s in LLVM."""
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
-    pto.slp_vectorization = True
+    pto.slp_vectorization = slp
     pass_builder = llvm.create_pass_builder(machine, pto)
     pass_builder.getModulePassManager().run(module, pass_builder)
+
+
+# ---- the runtime library: code every kernel shares, compiled once per machine ----------------------
+#
+# The packed-gemm driver with its six micro-kernels and the packing routine (kernels_ir.py) are the
+# same for every graph; compiled into each kernel they were 1 800 of a GRU step's 8 000 lines of IR
+# and 0.4 s of its LLVM time. They are compiled once into an object of their own, cached like a
+# kernel, loaded once per process, and kernels call them by name.
+
+RUNTIME_BUILDERS: tuple[Callable[[ir.Module, int], ir.Function], ...] = (_gemm_function, _pack_function)
+_RUNTIME_LOCK = threading.Lock()
+_RUNTIME: dict[int, object] = {}   # float bits -> the loaded library's engine (kept: kernels call into it)
+
+
+@functools.cache
+def _runtime_signature(build: Callable[[ir.Module, int], ir.Function], bits: int) -> tuple[str, ir.FunctionType]:
+    fn = build(ir.Module(name="signature"), bits)
+    return fn.name, fn.ftype
+
+
+def _runtime_object(bits: int) -> bytes:
+    module = ir.Module(name=f"unroll_runtime_f{bits}")
+    for build in RUNTIME_BUILDERS:
+        build(module, bits).linkage = ""   # exported (the micro-kernels stay private to it)
+    compiled = llvm.parse_assembly(str(module))
+    compiled.verify()
+    _optimize(compiled, _machine(), slp=True)
+    return _machine().emit_object(compiled)
+
+
+def runtime_library(directory: str, bits: int) -> None:
+    """Make the runtime library's functions for `bits`-bit floats callable by kernels in this
+    process: loaded from `directory` (compiled and cached there the first time on this machine and
+    version). A kernel object is loaded after the libraries it calls: its calls are resolved then."""
+    with _RUNTIME_LOCK:
+        if bits in _RUNTIME:
+            return
+        _initialize()
+        name = f"unroll_runtime_f{bits}_" + cache.digest("\n".join([
+            _runtime_version(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()]))
+        with cache.entry_lock(directory, name):
+            obj = _read_object(directory, name)
+            if obj is None:
+                obj = _runtime_object(bits)
+                _write_object(directory, name, obj, {})
+        engine = _engine(obj)
+        for build in RUNTIME_BUILDERS:
+            symbol = _runtime_signature(build, bits)[0]
+            llvm.add_symbol(symbol, engine.get_function_address(symbol))
+        _RUNTIME[bits] = engine
+
+
+@functools.cache
+def _runtime_version() -> str:
+    """What the runtime's code depends on: kernels_ir.py, this module, llvmlite's LLVM."""
+    from . import kernels_ir
+    texts = []
+    for path in (kernels_ir.__file__, __file__):
+        with open(path, "rb") as f:
+            texts.append(f.read().decode())
+    return cache.digest("\n".join(texts + [llvm.llvm_version_info.__repr__()]))
+
+
+def _engine(obj: bytes) -> llvm.ExecutionEngine:
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _machine())
+    engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+    engine.finalize_object()
+    return engine
+
+
+def _read_object(directory: str, name: str) -> bytes | None:
+    """The cached object `name` if its digest checks, else None (a damaged entry is reported in one
+    warning line; the caller rebuilds and replaces it)."""
+    meta = _read_meta(directory, name)
+    return None if meta is None else meta[1]
+
+
+def _read_meta(directory: str, name: str) -> tuple[dict, bytes] | None:
+    obj_path, meta_path = os.path.join(directory, name + ".o"), os.path.join(directory, name + ".json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with open(obj_path, "rb") as f:
+            obj = f.read()
+        if cache.digest(obj) != meta["digest"]:
+            raise ValueError("the object code does not match its digest")
+        return meta, obj
+    except (FileNotFoundError, NotADirectoryError, PermissionError):   # none yet, or no cache to read
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        cache.warn(f"unroll: damaged cache entry {obj_path} ({err}); rebuilding it")
+        return None
+
+
+def _write_object(directory: str, name: str, obj: bytes, meta: dict) -> None:
+    """Cache `obj` with its metadata and digest; an unwritable directory is reported once."""
+    try:
+        cache.write_atomic(os.path.join(directory, name + ".o"), obj)
+        cache.write_atomic(os.path.join(directory, name + ".json"), json.dumps({**meta, "digest": cache.digest(obj)}))
+    except OSError as err:
+        if directory not in _UNWRITABLE:
+            _UNWRITABLE.add(directory)
+            cache.warn(f"unroll: the cache directory {directory} is not writable ({err}); compiled "
+                       f"kernels stay in memory")
 
 
 class _Buffer:
@@ -1102,13 +1264,13 @@ def _compile_object(source: str, arg_types: Sequence[tuple[str, int]]) -> tuple[
     """The optimised object code for `source`, and what calling it needs (outputs, errors)."""
     module, renderer = optimized_ir(source, arg_types)
     return _machine().emit_object(module), {"out_ndims": renderer.out_ndims, "errors": renderer.errors,
-                                            "allocations": renderer.n_allocs}
+                                            "allocations": renderer.n_allocs, "runtime": sorted(renderer.runtime)}
 
 
-def _load_object(obj: bytes, meta: dict, out_dtypes: Sequence[np.dtype], arg_types) -> NativeKernel:
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _machine())
-    engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
-    engine.finalize_object()
+def _load_object(obj: bytes, meta: dict, out_dtypes: Sequence[np.dtype], arg_types, directory: str) -> NativeKernel:
+    for bits in meta["runtime"]:
+        runtime_library(directory, bits)
+    engine = _engine(obj)
     address = engine.get_function_address("unroll_kernel")
     if not address:
         raise ValueError("no unroll_kernel in the object")
@@ -1139,16 +1301,8 @@ def compile_native(source: str, arg_types: Sequence[tuple[str, int]], out_dtypes
         if kernel is not None:
             return kernel, path, "loaded"
         obj, meta = _compile_object(source, arg_types)
-        meta.update(digest=cache.digest(obj), source=source)
-        try:
-            cache.write_atomic(os.path.join(directory, name + ".o"), obj)
-            cache.write_atomic(os.path.join(directory, name + ".json"), json.dumps(meta))
-        except OSError as err:
-            if directory not in _UNWRITABLE:
-                _UNWRITABLE.add(directory)
-                cache.warn(f"unroll: the cache directory {directory} is not writable ({err}); compiled "
-                           f"kernels stay in memory")
-        kernel = _LOADED[path] = _load_object(obj, meta, out_dtypes, arg_types)
+        _write_object(directory, name, obj, {**meta, "source": source})
+        kernel = _LOADED[path] = _load_object(obj, meta, out_dtypes, arg_types, directory)
         return kernel, path, "compiled"
 
 
@@ -1156,23 +1310,19 @@ def load_entry(directory: str, name: str, arg_types: Sequence[tuple[str, int]],
                out_dtypes: Sequence[np.dtype]) -> NativeKernel | None:
     """The cached kernel `name` in `directory`, or None when there is none or it is damaged (then
     reported in one warning line; the caller rebuilds and replaces it)."""
-    obj_path, meta_path = os.path.join(directory, name + ".o"), os.path.join(directory, name + ".json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        with open(obj_path, "rb") as f:
-            obj = f.read()
-        if cache.digest(obj) != meta["digest"]:
-            raise ValueError("the object code does not match its digest")
-        kernel = _load_object(obj, meta, out_dtypes, arg_types)
-        kernel.source = meta["source"]   # type: ignore[attr-defined]
-        _LOADED[obj_path] = kernel
-        return kernel
-    except (FileNotFoundError, NotADirectoryError, PermissionError):   # none yet, or no cache to read
+    found = _read_meta(directory, name)
+    if found is None:
         return None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    meta, obj = found
+    obj_path = os.path.join(directory, name + ".o")
+    try:
+        kernel = _load_object(obj, meta, out_dtypes, arg_types, directory)
+        kernel.source = meta["source"]   # type: ignore[attr-defined]
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
         cache.warn(f"unroll: damaged cache entry {obj_path} ({err}); rebuilding it")
         return None
+    _LOADED[obj_path] = kernel
+    return kernel
 
 
 _UNWRITABLE: set[str] = set()

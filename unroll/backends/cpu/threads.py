@@ -15,7 +15,9 @@ threads. Two rules decide how many, per call of a compiled step:
 
 The user's setting always wins and turns both rules off: `UNROLL_NUMBA_BLAS_THREADS` (and
 `UNROLL_NUMBA_BLAS_LOOP_THREADS` for products inside time loops), else `OPENBLAS_NUM_THREADS`, else
-`OMP_NUM_THREADS`.
+`OMP_NUM_THREADS`. `UNROLL_MAX_THREADS` is a cap instead: both rules still apply, under it (what
+`unroll.distributed.set_threads` gives each MPI rank: its share of the node's cores, while a rank's
+small products still run on one thread).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ MIN_MACS_FOR_THREADS = 256 * 1024 * 1024
 SAMPLE_SECONDS = 0.5
 STALE_SECONDS = 2.0
 _USER_VARIABLES = ("UNROLL_NUMBA_BLAS_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+CAP_VARIABLE = "UNROLL_MAX_THREADS"
 
 
 def _int_env(name: str) -> int | None:
@@ -104,5 +107,5 @@ def choose(max_macs: int) -> tuple[int, int]:
         return fixed
     if max_macs < MIN_MACS_FOR_THREADS:
         return 1, 1
-    threads = max(1, min(_FREE.cores, int(_FREE.now() + 0.25)))
+    threads = max(1, min(_FREE.cores, _int_env(CAP_VARIABLE) or _FREE.cores, int(_FREE.now() + 0.25)))
     return threads, threads
