@@ -20,6 +20,29 @@ settings.register_profile("explore", settings.get_profile("unroll"))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "unroll"))
 
 
+def _without_local_constants() -> None:
+    """Make hypothesis' draws independent of which modules the process has imported.
+
+    Hypothesis (6.131 and later) draws 5% of its integers, floats and strings from the constants in
+    the source of every local module in sys.modules (here unroll's, found again whenever
+    sys.modules grows). A derandomized run then drew other graphs after a test that imported more
+    of unroll (test_native's bench models: `pytest tests/test_native.py tests/test_properties.py`
+    drew SQRT in no graph of test_strategies_cover_every_op, which passes alone). No setting turns
+    this off, so the pool is replaced by an empty one, and the cache of allowed constants cleared."""
+    try:
+        from hypothesis.internal.conjecture import providers
+    except ImportError:  # pragma: no cover - hypothesis' internals moved: nothing to turn off
+        return
+    if not hasattr(providers, "_get_local_constants"):  # pragma: no cover - before 6.131
+        return
+    empty = providers.Constants()
+    providers._get_local_constants = lambda: empty
+    providers.CONSTANTS_CACHE.cache.clear()
+
+
+_without_local_constants()
+
+
 @pytest.fixture(scope="module")
 def fresh_cache_dir(tmp_path_factory):
     """UNROLL_CACHE_DIR set to a fresh directory for one test module, restored afterwards."""

@@ -164,8 +164,13 @@ def test_random_graphs_with_loops_grad_equals_grad_of_unrolled(graph, seed):
     grads = ur.grad(loss, wrt)
     ur.verify(Graph.of(grads))
     want = run(grads, feeds)
-    assert_rel(run(ur.grad(ur.unroll(loss), wrt), feeds), want, 1e-9)
-    assert_rel(run(ur.grad(loss, wrt, policy=ur.Checkpoint(2)), feeds), want, 1e-9)
+    # a cast to float32 inside the float64 graph rounds its cotangent to float32 too: sums that
+    # differ in the last float64 bit (the unrolled graph adds in another order) may round to
+    # neighbouring float32 values there, 6e-8 apart (found: a cast f64 -> f32 -> f64 in a step)
+    rounded = any(n.op is Op.CAST and n.dtype == "float32" for n, _ in all_nodes(Graph.of([loss])))
+    rtol = 1e-6 if rounded else 1e-9
+    assert_rel(run(ur.grad(ur.unroll(loss), wrt), feeds), want, rtol)
+    assert_rel(run(ur.grad(loss, wrt, policy=ur.Checkpoint(2)), feeds), want, rtol)
 
 
 # ---- nesting, merging, second order -----------------------------------------------------------------

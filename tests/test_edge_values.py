@@ -1,5 +1,6 @@
 """Every elementwise op at the edge values of tests/edge_cases.py, on the reference interpreter and
-on the Numba backend, within MAX_ULPS of numpy's result; and the float32 decompositions of
+on the CPU backend (its native renderer, and Numba's compiler, its fallback), within MAX_ULPS of
+numpy's result; and the float32 decompositions of
 lower/decompose.py within their documented bounds of the correctly rounded result on a dense sweep.
 
 The ops come from `unroll.ir.ops.ELEMENTWISE` (a new op without a case here fails
@@ -44,6 +45,7 @@ scipy_special = pytest.importorskip("scipy.special")
 import unroll as ur  # noqa: E402
 from unroll.backends import numpy_ref  # noqa: E402
 from unroll.backends.cpu import backend as numba_cpu  # noqa: E402
+from unroll.backends.cpu import native  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def cache_dir(fresh_cache_dir):
@@ -159,7 +161,31 @@ def cast_defined(x: np.ndarray, to: str) -> np.ndarray:
 
 _GRAPHS: dict[tuple[str, str], tuple[Graph, list[tuple[str, Node]], dict[str, np.ndarray]]] = {}
 _KERNELS: dict[tuple[str, str, str], object] = {}
-BACKENDS = ("numpy_ref", "numba", "numba-O0")
+# numba / numba-O0: the CPU backend's default path, the native renderer (cpu/native.py; run() checks
+# that it compiled the kernel rather than falling back); numba-codegen: the same source through
+# Numba's compiler (UNROLL_CPU_CODEGEN=numba, the fallback), with the backend's passes
+BACKENDS = ("numpy_ref", "numba", "numba-O0", "numba-codegen")
+
+
+def compile_cpu(backend: str, g: Graph):
+    """The CPU backend's kernel for `g` on the path `backend` names, checked to be that path (an
+    object file from the native renderer, or a generated module compiled by Numba)."""
+    if backend == "numba-codegen":
+        old = os.environ.get(native.CODEGEN_ENV)
+        os.environ[native.CODEGEN_ENV] = "numba"
+        try:   # a directory of its own: a cache record names the path that compiled the graph
+            kernel = numba_cpu.compile_graph(g, cache_dir=os.path.join(os.environ["UNROLL_CACHE_DIR"], "numba"))
+        finally:
+            if old is None:
+                os.environ.pop(native.CODEGEN_ENV)
+            else:
+                os.environ[native.CODEGEN_ENV] = old
+        assert kernel.path.endswith(".py"), kernel.path
+        return kernel
+    kernel = numba_cpu.compile_graph(g, passes=() if backend == "numba-O0" else numba_cpu.PASSES)
+    assert native.enabled() and kernel.path.endswith(".o"), \
+        f"not compiled by the native renderer ({kernel.path}): {native.LAST_UNSUPPORTED[0]}"
+    return kernel
 
 
 def graph_of(name: str, dtype: str):
@@ -178,7 +204,7 @@ def run(backend: str, name: str, dtype: str) -> dict[str, tuple[np.ndarray, np.n
         if backend == "numpy_ref":
             _KERNELS[key] = numpy_ref.compile_graph(g)
         else:
-            _KERNELS[key] = numba_cpu.compile_graph(g, passes=() if backend == "numba-O0" else numba_cpu.PASSES)
+            _KERNELS[key] = compile_cpu(backend, g)
     args = [feeds[n.arg] for n in g.inputs]
     table = {}
     with np.errstate(all="ignore"):   # the casts of NaN and inf that max_ulps does not compare

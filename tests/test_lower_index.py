@@ -392,3 +392,31 @@ def test_named_integers_are_spelled_not_folded() -> None:
     src, valid = ix.pad(alg, ["i0", "i1"], [("n1", 0), (0, 0)], ["n2", 7])
     assert eval(src[0], {}, env) == 1 and src[1] == "i1" and eval(valid, {}, env) is True
     assert eval(ix.pad(alg, ["i1"], [("n0", 1)], ["n2"])[1], {}, env) is False   # 2 - 4 < 0
+
+
+def test_targets_derive_their_scalar_tables_from_the_shared_one() -> None:
+    """The CPU and CUDA tables are `derive(overrides)` of SCALAR_EXPRS: every base op, and any
+    difference an explicit override; an override for an op the base lacks is refused."""
+    from unroll.backends.cpu.scalars import CPU_EXPRS
+    from unroll.backends.cuda.codegen import CUDA_EXPRS
+    from unroll.backends.lower import scalar
+    for table in (CPU_EXPRS, CUDA_EXPRS):
+        assert set(table) == set(scalar.SCALAR_EXPRS)
+    assert scalar.derive({Op.TANH: "t({0})"})[Op.TANH] == "t({0})"
+    assert scalar.derive({Op.TANH: "t({0})"})[Op.EXP] == scalar.SCALAR_EXPRS[Op.EXP]
+    with pytest.raises(AssertionError, match="base table lacks"):
+        scalar.derive({Op.TANH: "t({0})"}, base={Op.EXP: "e({0})"})
+
+
+def test_one_spelling_writes_every_typed_literal() -> None:
+    """lower.scalar.Spelling: float32 literals typed (a bare 1.0 would promote float32 math to
+    float64), infinities and NaN spelled, ints and bools exact, names containing digits untouched."""
+    from unroll.backends.lower.scalar import Spelling
+    np_spelling, cuda = Spelling("np."), Spelling("")
+    assert np_spelling.literal(0.5, "float32") == "np.float32(0.5)"
+    assert cuda.literal(-np.inf, "float32") == "float32(-math.inf)"
+    assert cuda.literal(np.nan, "float64") == "float64(math.nan)"
+    assert cuda.literal(7, "int8") == "int8(7)" and cuda.literal(1, "bool") == "True"
+    assert cuda.typed("(1.0 - x1) * 0.5e-3", "float32") == "(float32(1.0) - x1) * float32(0.5e-3)"
+    assert cuda.typed("(1.0 - x1)", "int32") == "(1.0 - x1)"
+    assert cuda.render({Op.RECIP: "(1.0 / {0})"}, Op.RECIP, ["v"], "float32") == "(float32(1.0) / v)"

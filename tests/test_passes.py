@@ -384,3 +384,27 @@ def test_passes_leave_loop_free_graphs_valid():
     g = ur.graph(ur.tanh(x) * 2.0 + 0.0)
     for _, fn in ALL_PASSES:
         assert_same_values(g, fn(g), random_feeds(g))
+
+
+def test_each_backend_declares_its_passes_and_compile_reads_them(monkeypatch):
+    """ur.compile's passes come from one place: `pass_pipeline(backend)` = the backend module's
+    PASSES (numpy none), minus `passes={"disable": ...}`, none with optimize=False; the pipeline is
+    what the backend's compile_graph receives."""
+    import importlib
+
+    from unroll.compile import BACKENDS, pass_pipeline
+    for name in ("numpy", "numba", "cuda"):
+        assert pass_pipeline(name) == tuple(importlib.import_module(BACKENDS[name]).PASSES)
+        assert pass_pipeline(name, optimize=False) == ()
+    assert "hoist" not in pass_pipeline("numba", passes={"disable": ("hoist",)})
+    with pytest.raises(ValueError, match="unknown pass"):
+        pass_pipeline("numba", passes={"disable": ("no_such_pass",)})
+    from unroll.backends import numpy_ref
+    seen = []
+    real = numpy_ref.compile_graph
+    monkeypatch.setattr(numpy_ref, "PASSES", ("simplify", "hoist"))
+    monkeypatch.setattr(numpy_ref, "compile_graph", lambda g, passes, **kw: seen.append(passes) or real(g, passes))
+    x = ur.input("x", (2,))
+    ur.compile(ur.tanh(x) * 2.0, backend="numpy")
+    ur.compile(ur.tanh(x) * 2.0, backend="numpy", optimize=False)
+    assert seen == [("simplify", "hoist"), ()]

@@ -16,7 +16,9 @@ Example counts. Each property test is parametrised by its budget: `[default]` ru
 the default suite, `[slow]` (marked `slow`) a few hundred in the slow job,
 `python3 -m pytest -q -m slow tests/test_properties.py` (.ci/run runs it after the default suite).
 `UNROLL_PROPERTY_SCALE=4` multiplies the slow counts for a deeper local run. The runs are
-derandomized (the same examples every run: CI fails only when code changes); for a random search,
+derandomized (the same examples every run, whichever tests ran before in the process: tests/conftest.py
+stops hypothesis from drawing constants out of the modules imported so far, so CI fails only when
+code changes); for a random search,
 set `HYPOTHESIS_PROFILE=explore` (random seeds, hypothesis' example database in .hypothesis/).
 
 Regressions. Every failure the properties found is kept as an explicit test at the end of this

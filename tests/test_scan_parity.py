@@ -1,6 +1,7 @@
 """lax.scan's convention, ported from the cases of JAX's control-flow tests a user meets first:
 pytrees (tuples, lists, dicts, namedtuples, nested) as carries, xs and ys; Python and numpy
-scalars and arrays wherever a value is accepted; length= without xs; unroll=k; ur.map. Each result
+scalars and arrays wherever a value is accepted; length= without xs; unroll=k; ur.map; and ports of
+JAX's testScanImpl, testScanGrad and testScanRnn (matrix @ vector steps). Each result
 is checked against a plain Python loop over numpy (the meaning lax.scan documents)."""
 
 from __future__ import annotations
@@ -93,3 +94,131 @@ def test_map_is_a_scan_without_carry():
 def test_leaves_that_are_not_values_are_rejected_clearly():
     with pytest.raises(TypeError, match="expected unroll values, numbers or arrays in init"):
         ur.scan(lambda c, x: (c, c), "not a value", None, length=2)
+
+
+# ---- JAX's lax_control_flow_test: testScanImpl, testScanGrad, testScanRnn ---------------------------
+# The same step functions with ur. for jnp. / lax., in float64, checked against JAX's scan_reference
+# (a Python loop over numpy) forward and against central finite differences for the gradients; and
+# against JAX itself where it is installed (the ".[bench]" extra).
+
+D = RNG.normal(size=2)
+
+
+def _scan_reference(f, init, xs, reverse=False):
+    """JAX's scan_reference: the loop lax.scan documents, stacking the per-step outputs."""
+    carry, ys = init, []
+    for x in (xs[::-1] if reverse else xs):
+        carry, y = f(carry, x)
+        ys.append(y)
+    ys = np.stack(ys[::-1] if reverse else ys)
+    return carry, ys
+
+
+def _impl_step(mod):
+    """testScanImpl's f: a closed-over numpy array d, scalars and reductions in the step."""
+    def f(c, a):
+        assert a.shape == (3,) and c.shape == (4,)
+        b = mod.cos(mod.sum(mod.sin(a)) + mod.sum(mod.cos(c)) + float(np.sum(D)))
+        c = mod.sin(c * b)
+        assert b.shape == ()
+        return c, b
+    return f
+
+
+def _finite_difference(fn, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        d = np.zeros_like(x)
+        d[i] = eps
+        g[i] = (fn(x + d) - fn(x - d)) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_jax_scan_impl(reverse):
+    as_v, c_v = RNG.normal(size=(5, 3)), RNG.normal(size=4)
+    as_, c = ur.input("as_", (5, 3), "float64"), ur.input("c", (4,), "float64")
+    final, bs = ur.scan(_impl_step(ur), c, as_, reverse=reverse)
+    got = _run([final, bs], as_=as_v, c=c_v)
+    want = _scan_reference(_impl_step(np), c_v, as_v, reverse)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14)
+
+
+def test_jax_scan_grad():
+    """testScanGrad: d/dc and d/das of sum(final) + sum(ys) through the scan."""
+    as_v, c_v = RNG.normal(size=(5, 3)), RNG.normal(size=4)
+    as_, c = ur.input("as_g", (5, 3), "float64"), ur.input("c_g", (4,), "float64")
+    final, bs = ur.scan(_impl_step(ur), c, as_)
+    loss = ur.sum(final) + ur.sum(bs)
+    got_loss, g_c, g_as = _run([loss, *ur.grad(loss, [c, as_])], as_g=as_v, c_g=c_v)
+
+    def ref(cv, av):
+        fin, ys = _scan_reference(_impl_step(np), cv, av)
+        return np.sum(fin) + np.sum(ys)
+    np.testing.assert_allclose(got_loss, ref(c_v, as_v), rtol=1e-12)
+    np.testing.assert_allclose(g_c, _finite_difference(lambda cv: ref(cv, as_v), c_v), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(g_as, _finite_difference(lambda av: ref(c_v, av), as_v), rtol=1e-6, atol=1e-8)
+
+
+N_IN, N_HID, N_OUT, LENGTH = 4, 2, 1, 3
+
+
+def _rnn_loss(mod, concat, params, inputs, targets):
+    """testScanRnn's model: 1-D state and input, matrix @ vector (jnp.dot(W, stacked))."""
+    W_trans, W_out = params
+
+    def step(state, x):
+        stacked = concat([state, x])
+        output = mod.tanh(W_out @ stacked)
+        next_state = mod.tanh(W_trans @ stacked)
+        return next_state, output
+    zeros = np.zeros(N_HID) if mod is np else ur.zeros((N_HID,), "float64")
+    if mod is np:
+        _, outputs = _scan_reference(step, zeros, inputs)
+    else:
+        _, outputs = ur.scan(step, zeros, inputs)
+    return mod.sum((outputs - targets) ** 2)
+
+
+def test_jax_scan_rnn():
+    W_trans_v, W_out_v = RNG.normal(size=(N_HID, N_HID + N_IN)), RNG.normal(size=(N_OUT, N_HID + N_IN))
+    inputs_v, targets_v = RNG.normal(size=(LENGTH, N_IN)), RNG.normal(size=(LENGTH, N_OUT))
+    W_trans, W_out = ur.input("W_trans", W_trans_v.shape, "float64"), ur.input("W_out", W_out_v.shape, "float64")
+    inputs, targets = ur.input("inputs", inputs_v.shape, "float64"), ur.input("targets", targets_v.shape, "float64")
+    loss = _rnn_loss(ur, lambda parts: ur.concat(parts, 0), (W_trans, W_out), inputs, targets)
+    feeds = dict(W_trans=W_trans_v, W_out=W_out_v, inputs=inputs_v, targets=targets_v)
+    got_loss, g_trans, g_out = _run([loss, *ur.grad(loss, [W_trans, W_out])], **feeds)
+
+    def ref(wt, wo):
+        return _rnn_loss(np, np.concatenate, (wt, wo), inputs_v, targets_v)
+    np.testing.assert_allclose(got_loss, ref(W_trans_v, W_out_v), rtol=1e-12)
+    np.testing.assert_allclose(g_trans, _finite_difference(lambda w: ref(w, W_out_v), W_trans_v), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(g_out, _finite_difference(lambda w: ref(W_trans_v, w), W_out_v), rtol=1e-6, atol=1e-8)
+    # the CPU backend gives the same values
+    compiled = ur.compile([loss, *ur.grad(loss, [W_trans, W_out])], backend="numba")(**feeds)
+    for g, e in zip(compiled, [got_loss, g_trans, g_out]):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_jax_scan_impl_and_grad_against_jax():
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):   # float64 in this test only (the README's JAX port is float32)
+        _against_jax(jax)
+
+
+def _against_jax(jax):
+    jnp = jax.numpy
+    as_v, c_v = RNG.normal(size=(5, 3)), RNG.normal(size=4)
+    as_, c = ur.input("as_j", (5, 3), "float64"), ur.input("c_j", (4,), "float64")
+    final, bs = ur.scan(_impl_step(ur), c, as_)
+    loss = ur.sum(final) + ur.sum(bs)
+    got = _run([final, bs, *ur.grad(loss, [c, as_])], as_j=as_v, c_j=c_v)
+
+    def jax_loss(cv, av):
+        fin, ys = jax.lax.scan(_impl_step(jnp), cv, av)
+        return jnp.sum(fin) + jnp.sum(ys)
+    fin, ys = jax.lax.scan(_impl_step(jnp), jnp.asarray(c_v), jnp.asarray(as_v))
+    want = [fin, ys, *jax.grad(jax_loss, argnums=(0, 1))(jnp.asarray(c_v), jnp.asarray(as_v))]
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, np.asarray(e), rtol=1e-12, atol=1e-14)

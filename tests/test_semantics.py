@@ -396,3 +396,17 @@ def test_small_integer_dtypes_wrap_like_numpy(dtype) -> None:
     for g, e in zip(got, want):
         np.testing.assert_array_equal(g, e)
         assert g.dtype == e.dtype
+
+
+def test_builders_given_a_number_or_array_where_a_value_belongs_name_the_op() -> None:
+    """ur.sin(np_array), ur.sum(0.5): a TypeError naming the op, the operand's type and the user's
+    line (it was an AttributeError from inside the builder); ur.const makes such a value."""
+    d = np.array([0.3, -0.2])
+    for fn, op in [(ur.sin, "sin"), (ur.tanh, "tanh"), (ur.sum, "sum"), (ur.max, "max"), (ur.mean, "sum"),
+                   (ur.argmax, "argmax")]:
+        with pytest.raises(TypeError, match=rf"^{op}: expected unroll values as operands, found ndarray .*ur\.const"
+                                            r"[\s\S]*test_semantics\.py"):
+            fn(d)
+    with pytest.raises(TypeError, match="exp: expected unroll values as operands, found float"):
+        ur.exp(0.5)
+    assert ur.sum(ur.const(d, dtype="float64")).type.dtype == "float64"

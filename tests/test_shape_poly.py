@@ -104,10 +104,13 @@ def test_one_step_for_every_size_equals_the_concrete_graph(kind, sizes, fresh_ca
     assert sum(compiles[1:]) == 0, f"a new size recompiled: {compiles}"
 
 
-def test_coinciding_sizes_share_the_module_and_a_size_of_one_has_its_own(fresh_cache_dir):
+@pytest.mark.parametrize("codegen", ["native", "numba"])
+def test_coinciding_sizes_share_the_module_and_a_size_of_one_has_its_own(codegen, fresh_cache_dir, monkeypatch):
     """T == B, B*T == I and T == I merge no names (the first specialisation's generation is
-    replayed); a size of 1 is written as a literal, so it is a module of its own (compiled once)."""
+    replayed); a size of 1 is written as a literal, so it is a module of its own (compiled once).
+    On both compilers of the CPU backend: the native renderer and Numba (UNROLL_CPU_CODEGEN=numba)."""
     from unroll.backends.cpu import backend as numba_cpu
+    monkeypatch.setenv("UNROLL_CPU_CODEGEN", codegen)
     outs, module = _model("lstm", ("T", "B", 8), ("T", "B", 16))
     run = ur.compile(outs, backend="numba")
     ref = ur.compile(outs, backend="numpy")
@@ -126,6 +129,7 @@ def test_coinciding_sizes_share_the_module_and_a_size_of_one_has_its_own(fresh_c
     assert all(n == 0 for sizes, n in compiles.items() if sizes not in ((5, 3), (3, 1))), compiles
     shared = [run.specializations[(("B", b), ("T", t))].impl.dispatcher for t, b in [(2, 2), (2, 4), (8, 8), (9, 4)]]
     assert all(d is run.template.impl.dispatcher for d in shared)
+    assert run.template.impl.path.endswith(".o" if codegen == "native" else ".py"), run.template.impl.path
 
 
 def test_feeds_that_disagree_about_a_size_name_both_inputs():

@@ -238,7 +238,9 @@ def matmul(a: Value, b: Value) -> Node:
     return reshape(out, shape)
 
 
-def _axes(x: Node, axis: int | Sequence[int] | None) -> tuple[int, ...]:
+def _axes(x: Node, axis: int | Sequence[int] | None, what: str = "sum") -> tuple[int, ...]:
+    if not isinstance(x, Node):
+        Node.make(Op(what), (x,))   # the TypeError that names the op and the operand's type
     if axis is None:
         return tuple(range(x.ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
@@ -250,13 +252,14 @@ def sum(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False
 
 
 def max(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:  # noqa: A001
-    return Node.make(Op.REDUCE_MAX, (x,), (_axes(x, axis), bool(keepdims)))
+    return Node.make(Op.REDUCE_MAX, (x,), (_axes(x, axis, Op.REDUCE_MAX.value), bool(keepdims)))
 
 
 def mean(x: Node, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
     """The average over `axis`. An integer or bool tensor is averaged in float32 (JAX's choice; numpy
     would give float64): summing first in the integer dtype could wrap, and the mean of ints is
     rarely an int."""
+    _axes(x, axis)   # a number or an array: the error naming the op
     if x.dtype not in FLOAT_DTYPES:
         x = cast(x, "float32")
     axes = _axes(x, axis)

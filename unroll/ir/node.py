@@ -80,6 +80,11 @@ class Node:
     def make(op: Op, src: Sequence["Node"], arg: object = None, loc: str | None = None) -> "Node":
         """Build a node, inferring its type; a ShapeError names the op, shapes and user line."""
         src = tuple(src)
+        for s in src:
+            if not isinstance(s, Node):   # a number or array given to a builder that lifts none
+                raise TypeError(f"{op.value}: expected unroll values as operands, found {type(s).__name__} "
+                                f"(a number or numpy array becomes a value with ur.const(v, dtype=...))"
+                                f"\n  at {loc or user_location()}")
         try:
             type_ = infer_type(op, src, arg)
         except ShapeError as err:
