@@ -215,3 +215,23 @@ def test_kernels_declare_the_runtime_library_instead_of_holding_it():
     if "unroll_gemm_f32" in text:   # the small product went through the packed micro-kernel
         assert re.search(r"declare [^\n]*@\"?unroll_gemm_f32\b", text)
         assert not re.search(r"define [^\n]*@\"?unroll_gemm_f32\b", text)
+
+
+def test_a_graph_recorded_by_one_compiler_is_compiled_by_the_other(tmp_path):
+    """Cache records are keyed by the compiler too: after a run under UNROLL_CPU_CODEGEN=numba, a
+    default process compiles the graph natively instead of loading the Numba module."""
+    code = ("import json, unroll as ur, numpy as np\n"
+            "from unroll.backends.cpu import backend\n"
+            "x = ur.input('x', (4, 8))\n"
+            "step = ur.compile([ur.sum(ur.tanh(x) * 2.0)], backend='numba')\n"
+            "step(x=np.ones((4, 8), np.float32))\n"
+            "print(json.dumps({'path': step.impl.path, 'stats': dict(backend.STATS)}))\n")
+    runs = {}
+    for codegen in ("numba", "native"):
+        env = {**os.environ, "UNROLL_CACHE_DIR": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "nb"),
+               "UNROLL_CPU_CODEGEN": codegen}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[codegen] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["numba"]["path"].endswith(".py") and runs["native"]["path"].endswith(".o")
+    assert runs["native"]["stats"].get("native_compiles") == 1

@@ -414,11 +414,14 @@ def _compiler_version() -> str:
 
 def _record_path(directory: str, graph: Graph, passes: Sequence) -> str | None:
     """The record file for this graph and pipeline; None where passes include functions (their
-    repr names an address, not their code, so it cannot key a record across processes)."""
+    repr names an address, not their code, so it cannot key a record across processes). The
+    compiler is part of the key: a graph compiled under UNROLL_CPU_CODEGEN=numba is compiled again
+    by the native renderer, not loaded as the Numba module."""
     if not all(isinstance(p, str) for p in passes):
         return None
     from ...ir.text import print_graph
-    key = "\n".join([_compiler_version(), FASTMATH, repr(tuple(passes)), print_graph(graph)])
+    compiler = "native" if native.enabled() else "numba"
+    key = "\n".join([_compiler_version(), compiler, FASTMATH, repr(tuple(passes)), print_graph(graph)])
     return os.path.join(directory, f"unroll_graph_{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
 
 
