@@ -194,11 +194,14 @@ def test_calls_and_allocations_stay_outside():
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cell_steps_lose_most_of_their_nests(cell):
     """What fusion is for: the emitters' one-nest-per-value backward step of a GRU has a dozen
-    nests over (batch, hidden); after fusion a handful remain."""
+    nests over (batch, hidden); after fusion a handful remain. The README quotes the GRU's small
+    training step (50, 16, 32, 64): 71 nests before, 41 after."""
     import unroll as ur
     from unroll.bench import unroll_model
-    graph, _ = unroll_model(cell, 5, 4, 3, 8)
+    graph, _ = unroll_model(cell, 50, 16, 32, 64)
     source = ur.compile(graph, backend="numba").impl.source
-    before = source.count("for i0 in")
-    after = _fused(source).count("for i0 in")
+    before = source.count("for ")
+    after = _fused(source).count("for ")
     assert after <= 0.7 * before, (before, after)
+    if cell == "gru":
+        assert (before, after) == (71, 41)
