@@ -20,7 +20,7 @@ from .ir.optimize import explain, optimize
 from .ir.text import ParseError, parse, print_graph
 from .ir.unroll import unroll
 from .ir.verify import VerifyError, verify
-from .ir.autodiff import Checkpoint, Recompute, SaveAll, grad, value_and_grad, vjp
+from .ir.autodiff import BudgetError, Checkpoint, MemoryBudget, Recompute, SaveAll, grad, value_and_grad, vjp
 from .ir.truncate import truncate, truncation_bias
 from .viz import draw, to_dot, to_networkx
 from . import nn
@@ -41,7 +41,8 @@ __all__ = [
     "stop_gradient", "sub", "sum", "tanh", "transpose", "unroll", "verify", "where", "zeros",
     "draw", "to_dot", "to_networkx", "ParseError", "parse", "print_graph",
     "GradientFlow", "gradient_flow", "plot_gradient_flow",
-    "Checkpoint", "Recompute", "SaveAll", "grad", "truncate", "truncation_bias", "value_and_grad", "vjp",
+    "BudgetError", "Checkpoint", "MemoryBudget", "Recompute", "SaveAll", "grad", "truncate", "truncation_bias",
+    "value_and_grad", "vjp",
     "data", "distributed", "train", "SGD", "Adam", "AdamW", "RMSprop", "StopTraining", "TrainStep",
     "clip_by_global_norm", "clip_by_value", "fit", "load_params", "save_params",
 ]

@@ -34,7 +34,7 @@ __all__ = ["Compiled", "FeedError", "FeedValueError", "PolymorphicCompiled", "co
 Pass = Any  # a pass name, a Graph -> Graph function, or a (name, function) pair
 
 # disabling a pass also disables the passes that are its variants
-_VARIANTS = {"fuse_cells": ("fuse_top_level",)}
+_VARIANTS = {"fuse_cells": ("fuse_top_level",), "hoist": ("hoist_any_size",)}
 
 
 class Compiled:
@@ -258,8 +258,11 @@ def compile(outputs: Node | Sequence[Node] | Graph, backend: str | None = None, 
     backend = backend or default_backend()
     if is_polymorphic(graph):   # symbolic sizes: one concrete graph per set of sizes, built on call
         replays = hasattr(backend_module(backend), "respecialize") and not options
+        # one compiled step serves every size: no pass decision may depend on one size's numbers
+        pipeline = tuple("hoist_any_size" if p == "hoist" else p for p in pass_pipeline(backend, optimize, passes))
+        poly_passes = {"passes": list(pipeline)} if pipeline else None
         return PolymorphicCompiled(graph, single, lambda concrete, templates=(): _compile_concrete(
-            concrete, single, backend, optimize, passes, options, templates), replays)
+            concrete, single, backend, bool(pipeline), poly_passes, options, templates), replays)
     return _compile_concrete(graph, single, backend, optimize, passes, options)
 
 

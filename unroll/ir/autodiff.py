@@ -36,7 +36,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import build as b
+from .dce import dce_nodes
 from .loops import known_nodes, mark_role, merge_loops, replace_loops, segment_loop
+from .memory import LoopCost, least_memory, mb, nbytes, plan_levels, predict
 from .node import Graph, LoopInfo, Node, fresh_scope, proj, substitute, toposort
 from .ops import COMPARE, FLOAT_DTYPES, LEAVES, MOVEMENT, MULTI_OUTPUT, Op, TensorType
 
@@ -213,6 +215,8 @@ def _save_carries(value: Node) -> bool:
 class _PerLoop:
     """A policy that only chooses what each loop saves: no forward rewrite, the same inside bodies."""
 
+    forward_role: str | None = None  # marks the forward loops it extends (for the passes)
+
     def prepare(self, roots: list[Node]) -> list[Node]:
         return roots
 
@@ -227,7 +231,10 @@ class SaveAll(_PerLoop):
     transposes are recomputed from the values under them). The default, as in PyTorch and JAX: the
     backward pass repeats no forward work and its body is only the VJP (elementwise math plus the
     matmuls), the best shape for fusion and hoisting; memory grows with T times those values, which
-    is small next to the weights for the sequence lengths this library targets."""
+    is small next to the weights for the sequence lengths this library targets. It is also the one
+    policy under which the passes may keep more per-step values still (hoisting's batched input
+    projection and weight-gradient sums), within a constant (hoist.STACK_ALLOWANCE); under the
+    others they add none."""
 
     def saves(self, loop: Node) -> Saves:
         return _save_all
@@ -238,8 +245,22 @@ class Recompute(_PerLoop):
     """Save only the carried state entering each step; the backward body recomputes the forward
     body from it (one extra forward pass, memory T times the state)."""
 
+    forward_role = "recompute"
+
     def saves(self, loop: Node) -> Saves:
         return _save_carries
+
+
+def segment_levels(loop: Node, levels: tuple[int, ...], role: str = "checkpoint") -> list[Node] | None:
+    """`loop` cut into segments of levels[0] steps, each segment's loop (and the remainder loop) cut
+    again by the next levels: the outputs standing for the loop's, or None when it is short enough.
+    Outer segment loops get `role` (they save only the state entering a segment), remainder loops
+    "segment" (they save all, but the passes still treat their memory as bounded)."""
+    if not levels or loop.arg.length <= levels[0]:  # type: ignore[union-attr]
+        return None
+    rest = levels[1:]
+    return segment_loop(loop, levels[0], role=role, rest_role="segment",
+                        expand=lambda inner: segment_levels(inner, rest, role))
 
 
 @dataclass(frozen=True)
@@ -252,17 +273,14 @@ class Checkpoint:
 
     every: int
     role: str = field(default="checkpoint", repr=False)  # marks the segment loops this policy made
+    forward_role = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"Checkpoint: expected a segment length >= 1, found {self.every!r}")
 
     def prepare(self, roots: list[Node]) -> list[Node]:
-        def segment(loop: Node) -> list[Node] | None:
-            if loop.arg.length <= self.every:  # type: ignore[union-attr]
-                return None
-            return segment_loop(loop, self.every, role=self.role)
-        return replace_loops(roots, segment)
+        return replace_loops(roots, lambda loop: segment_levels(loop, (self.every,), self.role))
 
     def saves(self, loop: Node) -> Saves:
         return _save_carries if loop.role == self.role else _save_all
@@ -272,7 +290,167 @@ class Checkpoint:
         return SaveAll()
 
 
-Policy = SaveAll | Recompute | Checkpoint
+@dataclass(frozen=True)
+class Segments:
+    """Nested checkpoints: every loop longer than levels[0] steps is cut into segments of levels[0]
+    steps, each segment into segments of levels[1], and so on (`segment_levels`); the innermost
+    segments save everything. The plan `MemoryBudget` picks; one level is Checkpoint(levels[0])."""
+
+    levels: tuple[int, ...]
+    role: str = field(default="checkpoint", repr=False)
+    forward_role = None
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(k, int) or k < 1 for k in self.levels) or list(self.levels) != sorted(
+                set(self.levels), reverse=True):
+            raise ValueError(f"Segments: expected decreasing segment lengths >= 1, found {self.levels!r}")
+
+    def prepare(self, roots: list[Node]) -> list[Node]:
+        # per-step outputs nobody reads would be stacked (and copied once per level) for nothing
+        return replace_loops(dce_nodes(roots), lambda loop: segment_levels(loop, self.levels, self.role))
+
+    def saves(self, loop: Node) -> Saves:
+        return _save_carries if loop.role == self.role else _save_all
+
+    @property
+    def inner(self) -> "Policy":
+        return self  # nested levels are loops in bodies: their role decides
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What `MemoryBudget` chose for one gradient: printed by `ur.explain` and kept in MEMORY_PLANS."""
+
+    budget: int
+    policy: "SaveAll | Segments"
+    loops: tuple[tuple[int, int, int], ...]   # per planned loop: (steps, saved bytes/step, carry bytes)
+    recomputed: int                            # forward steps the backward pass reruns
+    predicted: int                             # predicted peak bytes of [loss, *grads] (ir/memory.py)
+    saveall: int                               # the same for SaveAll
+
+    def lines(self) -> list[str]:
+        head = (f"memory budget {mb(self.budget)}: SaveAll's predicted peak {mb(self.saveall)} "
+                + ("fits, so SaveAll" if isinstance(self.policy, SaveAll) else "does not fit"))
+        out = [head]
+        if isinstance(self.policy, Segments):
+            ks = self.policy.levels
+            out.append(f"  plan: {len(ks)} level(s) of checkpoints, segments of {' > '.join(map(str, ks))} steps")
+            for n, saved, carry in self.loops:
+                counts, m = [], n
+                for k in ks:
+                    if m > k:
+                        counts.append(f"{m // k} x {k}" + (f" + {m % k}" if m % k else ""))
+                        m = k
+                out.append(f"  loop of {n} steps ({saved} B saved per step, {carry} B of state): "
+                           f"checkpoints {'; then '.join(counts) or 'none'}")
+            # the optimum over all schedules, unequal segments included, keeping as much (ir/memory.py)
+            optima = [LoopCost(n, saved, carry).optimum(ks) for n, saved, carry in self.loops]
+            if len(optima) == 1:
+                slots, tape, best = optima[0]
+                same = f"the same {slots} state slots and {tape} saved steps"
+            else:
+                best, same = sum(o[2] for o in optima), "the same state slots and saved steps per loop"
+            out.append(f"  recomputed forward steps: {self.recomputed}"
+                       + (f" (Gruslys et al.'s optimum with {same}: {best})" if optima and ks else ""))
+        out.append(f"  predicted peak: {mb(self.predicted)} ({self.predicted} B)")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+# the plan behind each gradient node a MemoryBudget made (for ur.explain), kept weakly
+MEMORY_PLANS: "weakref.WeakKeyDictionary[Node, MemoryPlan]" = weakref.WeakKeyDictionary()
+
+
+class BudgetError(ValueError):
+    """A MemoryBudget below what the step needs under any plan; names the smallest that works."""
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Plan checkpoints so that the step's predicted peak memory (ir/memory.py: every buffer the
+    CPU backend allocates for [loss, *grads], inputs excluded; the larger of the graph as built and
+    after the default passes) stays within `budget` bytes, with
+    the fewest recomputed forward steps. SaveAll when it fits; else nested segments (`Segments`)
+    chosen by `memory.plan_levels` from each loop's bytes saved per step and bytes of state, then
+    checked by predicting the built graph. A budget below what any plan needs raises BudgetError
+    naming the smallest budget that works. `max_levels`: the deepest nesting tried."""
+
+    budget: int
+    max_levels: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, np.integer)) or self.budget < 1:
+            raise ValueError(f"MemoryBudget: expected a budget in bytes (an int >= 1), found {self.budget!r}")
+        if not isinstance(self.max_levels, int) or self.max_levels < 1:
+            raise ValueError(f"MemoryBudget: max_levels must be an int >= 1, found {self.max_levels!r}")
+
+    def plan(self, outputs: list[Node], cotangents: list[Node | None], wrt: list[Node], seeded: bool
+             ) -> MemoryPlan:
+        """The policy for this gradient (see the class docstring), with what it predicts."""
+        from .optimize import optimize  # the passes import nothing from here; loaded on first plan
+
+        def peak(policy: Policy) -> int:
+            """The step's predicted peak as built and after the default passes (which may keep
+            per-step values of the loops a policy leaves unbounded: hoist.STACK_ALLOWANCE)."""
+            values, grads, _ = _vjp_graph(outputs, cotangents, wrt, policy, seeded)
+            built = Graph.of(values + grads)
+            return max(predict(built).total, predict(optimize(built, check=False)).total)
+
+        saveall = peak(SaveAll())
+        if saveall <= self.budget:
+            return MemoryPlan(int(self.budget), SaveAll(), (), 0, saveall, saveall)
+        # SaveAll on the graph without dead per-step outputs: the costs every plan starts from
+        values, grads, sweep = _vjp_graph(outputs, cotangents, wrt, Segments(()), seeded)
+        pruned = peak(Segments(()))
+        forward = toposort(dce_nodes(outputs + wrt))
+        costs = []
+        for loop in forward:
+            saved = sweep.saved.get(loop)
+            if loop.op is Op.LOOP and saved:
+                info: LoopInfo = loop.arg  # type: ignore[assignment]
+                args, n_c, n_h = info.body.inputs, info.n_consts, info.n_carry
+                carry = sum(_nbytes(a) for a in args[n_c:n_c + n_h])
+                ys = sum(_nbytes(o) for o in info.body.outputs[n_h:])
+                costs.append(LoopCost(info.length, saved, carry, ys))
+        loops = tuple((c.length, c.saved, c.carry) for c in costs)
+        fixed = pruned - sum(c.length * c.saved for c in costs)
+        room = int(self.budget) - fixed
+        if pruned <= self.budget:
+            return MemoryPlan(int(self.budget), Segments(()), (), 0, pruned, saveall)
+        for _attempt in range(4):  # the plan's costs are a model of the graph: check the graph itself
+            found = plan_levels(costs, room, self.max_levels) if room > 0 else None
+            if found is None:
+                break
+            policy = Segments(found[0])
+            predicted = peak(policy)
+            if predicted <= self.budget:
+                recomputed = sum(c.recomputed(found[0]) for c in costs)
+                return MemoryPlan(int(self.budget), policy, loops, recomputed, predicted, saveall)
+            room -= predicted - int(self.budget)
+        tried = {lv: peak(Segments(lv)) for lv in least_memory(costs, self.max_levels)}
+        tried[()] = pruned
+        levels, smallest = min(tried.items(), key=lambda kv: kv[1])
+        if smallest <= self.budget:  # the model's choices overshot; the least-memory plan fits
+            return MemoryPlan(int(self.budget), Segments(levels), loops, sum(c.recomputed(levels) for c in costs),
+                              smallest, saveall)
+        if smallest > saveall:
+            levels, smallest = (), saveall
+        raise BudgetError(
+            f"MemoryBudget({int(self.budget)}): below what this step needs. The least predicted peak is "
+            f"{smallest} bytes ({mb(smallest)}), with "
+            + (f"{len(levels)} level(s) of checkpoints (segments of {', '.join(map(str, levels))} steps)"
+               if levels else "no checkpoints (no loop to cut)")
+            + f"; the part no checkpoint reduces (the loss, its per-step values, gradients, one step's "
+            f"buffers) is about {mb(max(fixed, 0))}. Pass a budget of at least {smallest} bytes.")
+
+
+def _nbytes(node: Node) -> int:
+    return nbytes(node.tensor_type)
+
+
+Policy = SaveAll | Recompute | Checkpoint | Segments
 
 
 # ---- the reverse sweep ------------------------------------------------------------------------------
@@ -333,9 +511,10 @@ class _Sweep:
 
     policy: Policy
     augmented: set[Node] = field(default_factory=set)  # forward loops extended with residuals
+    saved: dict[Node, int] = field(default_factory=dict)  # forward loop -> bytes it saves per step
 
     def inner(self) -> "_Sweep":
-        return _Sweep(self.policy.inner, self.augmented)
+        return _Sweep(self.policy.inner, self.augmented, self.saved)
 
 
 def backprop(outputs: Sequence[Node], cotangents: Sequence[Node | None], wrt: Sequence[Node],
@@ -454,8 +633,9 @@ def loop_vjp(loop: Node, cts: list[Node | None], needs: list[bool], sweep: _Swee
         forward = Node.make(Op.LOOP, loop.src, LoopInfo(Graph(args, tuple(outs)), info.length, n_c, n_h,
                                                         info.reverse), loc=loop.loc)
         if forward.role is None:
-            forward.role = loop.role
+            forward.role = loop.role or sweep.policy.forward_role
         sweep.augmented.add(forward)
+        sweep.saved[loop] = sum(_nbytes(r) for r in residuals)
         saved = [proj(forward, n_out + m) for m in range(len(residuals))]
     else:
         saved = []
@@ -582,32 +762,44 @@ def _record_gradients(losses: Sequence[Node], wrt: Sequence[Node], grads: Sequen
 
 
 def vjp(outputs: Sequence[Node], cotangents: Sequence[Node | None], wrt: Node | Sequence[Node],
-        policy: Policy = SaveAll(), *, _with_outputs: bool = False, _seeded: bool = False):
+        policy: "Policy | MemoryBudget" = SaveAll(), *, _with_outputs: bool = False, _seeded: bool = False):
     """Gradients of sum_i <outputs[i], cotangents[i]> with respect to each wrt node (zeros where
     it does not depend on them), as IR nodes in wrt order (one node if wrt is one node).
     `_seeded`: the cotangents were made here (grad's seed), so they are backward nodes too."""
     outputs = [_single_output(o, "vjp") for o in outputs]
     wrt_nodes, single = _wrt_list(wrt, "vjp")
-    given, given_wrt = list(outputs), list(wrt_nodes)  # as the caller knows them (before policy.prepare)
     if len(cotangents) != len(outputs):
         raise ValueError(f"vjp: {len(outputs)} outputs but {len(cotangents)} cotangents")
     for out, ct in zip(outputs, cotangents):
         if ct is not None and ct.type != out.type:
             raise ValueError(f"vjp: the cotangent of {out!r} must have its type {out.type}, found {ct.type_str()}")
+    plan = None
+    if isinstance(policy, MemoryBudget):
+        plan = policy.plan(outputs, list(cotangents), wrt_nodes, _seeded)
+        policy = plan.policy
+    values, grads, _ = _vjp_graph(outputs, list(cotangents), wrt_nodes, policy, _seeded)
+    if len(values) == 1:
+        _record_gradients([outputs[0], values[0]], wrt_nodes, grads)
+    if plan is not None:
+        for g in grads:
+            MEMORY_PLANS[g] = plan
+    if _with_outputs:
+        return values, grads
+    return grads[0] if single else grads
+
+
+def _vjp_graph(outputs: list[Node], cotangents: list[Node | None], wrt_nodes: list[Node], policy: Policy,
+               seeded: bool) -> tuple[list[Node], list[Node], _Sweep]:
+    """vjp's work: the outputs (sharing the extended forward loops) and the gradients under `policy`."""
     prepared = policy.prepare(outputs + wrt_nodes)
     outputs, wrt_nodes = prepared[:len(outputs)], prepared[len(outputs):]
-    known = known_nodes(outputs + wrt_nodes + ([] if _seeded else [c for c in cotangents if c is not None]))
+    known = known_nodes(outputs + wrt_nodes + ([] if seeded else [c for c in cotangents if c is not None]))
     sweep = _Sweep(policy)
     grads = backprop(outputs, list(cotangents), wrt_nodes, sweep)
     grads = [_zeros(w) if g is None else g for g, w in zip(grads, wrt_nodes)]
     mark_role(grads, "backward", known, skip=sweep.augmented)
-    merged = merge_loops(outputs + grads if _with_outputs else grads)
-    values, grads = (merged[:len(outputs)], merged[len(outputs):]) if _with_outputs else (outputs, merged)
-    if len(values) == 1:
-        _record_gradients([given[0], values[0]], given_wrt, grads)
-    if _with_outputs:
-        return values, grads
-    return grads[0] if single else grads
+    merged = merge_loops(outputs + grads)
+    return merged[:len(outputs)], merged[len(outputs):], sweep
 
 
 def _seed(loss: Node, cotangent: Node | float | None) -> Node:
@@ -625,17 +817,18 @@ def _seed(loss: Node, cotangent: Node | float | None) -> Node:
 
 
 def grad(loss: Node | Graph, wrt: Node | Sequence[Node], cotangent: Node | float | None = None,
-         policy: Policy = SaveAll()):
+         policy: "Policy | MemoryBudget" = SaveAll()):
     """Reverse-mode gradients of `loss` (a scalar node, or a graph with one output) with respect
     to each wrt node (parameters, inputs or any other value), in wrt order: a list of IR nodes, or
     one node when wrt is one node. A non-scalar loss needs `cotangent` (a value of its shape).
-    `policy` decides what loops save for the backward pass (SaveAll, Recompute, Checkpoint(k))."""
+    `policy` decides what loops save for the backward pass (SaveAll, Recompute, Checkpoint(k),
+    MemoryBudget(bytes))."""
     out = _single_output(loss, "grad")
     return vjp([out], [_seed(out, cotangent)], wrt, policy, _seeded=not isinstance(cotangent, Node))
 
 
 def value_and_grad(loss: Node | Graph, wrt: Node | Sequence[Node], cotangent: Node | float | None = None,
-                   policy: Policy = SaveAll()) -> tuple[Node, Node | list[Node]]:
+                   policy: "Policy | MemoryBudget" = SaveAll()) -> tuple[Node, Node | list[Node]]:
     """`(loss, grad(loss, wrt))` where the returned loss shares the forward loops the gradients
     use: compile `[loss, *grads]` from these and every forward loop runs once."""
     out = _single_output(loss, "value_and_grad")

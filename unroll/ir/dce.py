@@ -34,6 +34,8 @@ def dce_nodes(roots: Sequence[Node]) -> list[Node]:
     def visit(node: Node, src: tuple[Node, ...]) -> Node | None:
         if node.op is Op.LOOP:
             new_loop, remap = prune_loop(node.arg, list(src), used.get(node, set()), node.loc)  # type: ignore[arg-type]
+            if new_loop.role is None:  # a policy's mark (checkpoint, recompute) stays with the loop
+                new_loop.role = node.role
             remaps[node] = (new_loop, remap)
             return new_loop
         if node.op is Op.PROJ and node.src[0] in remaps:

@@ -27,6 +27,16 @@ For every loop (innermost first), in this order:
 Accumulators go before sequences so that a per-step term with no carried input (a degenerate
 backward loop) is first turned into a per-step output, which step 4 then moves out whole. Results
 are exact up to float summation order. Dead leftovers are simplify's job.
+
+Memory. Steps 3-5 stack per-step values over the whole loop ((T, B, 4H) for an LSTM's input
+projection or its gate gradients): speed bought with memory. A loop whose memory the policy bounds
+(roles in `loops.BOUNDED_ROLES`: checkpoint segments and their remainders, Recompute's forward
+loops), a backward loop reading what such a loop saved, and every loop nested in their bodies get
+steps 1-2 only. Under SaveAll a loop gets steps 3-5 only while what they add to the step's predicted
+peak (ir/memory.py) stays within STACK_ALLOWANCE: a constant, so for long sequences SaveAll's peak
+is the unoptimized one (at T = 20 000 the stacks doubled it, and the batched products did not pay
+for the page faults: 0.85 s against 0.51 s a step), while short ones keep the batched products.
+tests/test_memory_budget.py checks every pass under every policy.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from . import build as b
+from .loops import BOUNDED_ROLES
+from .memory import predict
 from .node import Graph, LoopInfo, Node, proj, substitute, toposort
 from .ops import (BINARY, COMPARE, ELEMENTWISE, LEAVES, UNARY, Op, TensorType)
 from .patterns import tree_leaves, OpenLoop, depends_on, graph_like, is_swap_transpose, make, map_loops, rebuild, users
@@ -41,6 +53,9 @@ from .patterns import tree_leaves, OpenLoop, depends_on, graph_like, is_swap_tra
 # ops worth moving out of a loop body (a batched elementwise chain alone is left to fuse)
 EXPENSIVE = frozenset({Op.MATMUL, Op.SUM, Op.REDUCE_MAX})
 VIEWS = frozenset({Op.RESHAPE, Op.BROADCAST})
+
+# the most a SaveAll loop's per-step stacks may add to the step's predicted peak (bytes)
+STACK_ALLOWANCE = 64 * 2 ** 20
 
 INVARIANT, SEQ, CARRY = 0, 1, 2  # dependency flags of a body value (SEQ | CARRY when both)
 
@@ -50,13 +65,36 @@ def hoist(graph: Graph) -> Graph:
     return graph_like(graph, hoist_nodes(graph.outputs))
 
 
-def hoist_nodes(roots: Sequence[Node]) -> list[Node]:
+def hoist_any_size(graph: Graph) -> Graph:
+    """hoist without SaveAll's STACK_ALLOWANCE: what `ur.compile` runs for a graph with named sizes.
+    Its one compiled step serves every size, so the choice cannot depend on the sizes of one
+    specialisation (the canonical sizes it is first compiled at are ~1000 for each name, where the
+    allowance would turn batching off for every size). Policies still bound their loops."""
+    return graph_like(graph, hoist_nodes(graph.outputs, allowance=None))
+
+
+def bounded(loop: Node) -> bool:
+    """Whether the policy bounds this loop's memory: a loop it marked, or a backward loop that reads
+    per-step values such a loop saved (see the module docstring)."""
+    if loop.role in BOUNDED_ROLES:
+        return True
+    info: LoopInfo = loop.arg  # type: ignore[assignment]
+    xs = loop.src[info.n_consts + info.n_carry:]
+    return any(x.op is Op.PROJ and x.src[0].op is Op.LOOP and x.src[0].role in BOUNDED_ROLES for x in xs)
+
+
+def hoist_nodes(roots: Sequence[Node], within_bounded: bool = False,
+                allowance: int | None = STACK_ALLOWANCE) -> list[Node]:
+    """hoist on the graph below roots; `within_bounded`: the roots are the body of a loop whose
+    memory a policy bounds (no per-step stacks anywhere inside); `allowance`: the most a SaveAll
+    loop's stacks may add (None: no cap)."""
     def loop_fn(loop: Node) -> list[Node] | None:
         info: LoopInfo = loop.arg  # type: ignore[assignment]
-        body = Graph(info.body.inputs, tuple(hoist_nodes(info.body.outputs)))
+        limited = within_bounded or bounded(loop)
+        body = Graph(info.body.inputs, tuple(hoist_nodes(info.body.outputs, limited, allowance)))
         new = make(Op.LOOP, loop.src, LoopInfo(body, info.length, info.n_consts, info.n_carry,
                                                info.reverse), like=loop)
-        outs = hoist_loop(new)
+        outs = hoist_loop(new, stacks=not limited, allowance=allowance)
         if outs is None and new is not loop:
             outs = [proj(new, i) for i in range(len(new.type))]  # type: ignore[arg-type]
         return outs
@@ -452,14 +490,36 @@ class _Hoister:
         return result
 
 
-def hoist_loop(loop: Node) -> list[Node] | None:
-    """New values of the loop's outputs after hoisting (module docstring), or None if unchanged."""
+
+
+def hoist_loop(loop: Node, stacks: bool = True, allowance: int | None = STACK_ALLOWANCE) -> list[Node] | None:
+    """New values of the loop's outputs after hoisting (module docstring), or None if unchanged.
+    `stacks=False`: only the steps that add no per-step sequence (invariants, regrouped sums);
+    `allowance`: the most the stacks may add to the predicted peak (None: no cap)."""
     if loop.arg.length == 0:  # type: ignore[union-attr]
         return None
+    if stacks:
+        outs = _hoist_loop(loop, True)
+        if outs is None:
+            return None
+        if allowance is None or _added_bytes(loop, outs) <= allowance:
+            return outs
+    return _hoist_loop(loop, False)
+
+
+def _hoist_loop(loop: Node, stacks: bool) -> list[Node] | None:
     h = _Hoister(loop)
     h.hoist_invariants()
     h.regroup_sums()
-    h.sink_accumulators()
-    h.hoist_sequences()
-    h.sink_outputs()
+    if stacks:
+        h.sink_accumulators()
+        h.hoist_sequences()
+        h.sink_outputs()
     return h.finish() if h.changed else None
+
+
+def _added_bytes(loop: Node, outs: list[Node]) -> int:
+    """What replacing the loop's outputs by `outs` adds to the predicted peak (what both share
+    upstream cancels)."""
+    before = [proj(loop, i) for i in range(len(loop.type))]  # type: ignore[arg-type]
+    return predict(Graph((), tuple(outs))).total - predict(Graph((), tuple(before))).total

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from . import build as b
 from .node import Graph, LoopInfo, Node, all_nodes, nested_body, proj, rewrite, substitute, toposort
 from .ops import Op, TensorType
+
+# Roles of the loops whose memory a policy bounds (autodiff's Recompute, Checkpoint, MemoryBudget):
+# the passes add no per-step sequences to them, to the backward loops reading what they saved, or
+# inside their bodies (ir/hoist.py).
+BOUNDED_ROLES = frozenset({"checkpoint", "segment", "recompute"})
 
 # ---- sharing the forward loop -------------------------------------------------------------------
 
@@ -160,20 +165,28 @@ def body_args(info: LoopInfo, window: int, carry_copies: int = 1
     return consts, carries, xs
 
 
-def segment_loop(loop: Node, k: int, role: str | None = None) -> list[Node]:
+def segment_loop(loop: Node, k: int, role: str | None = None,
+                 expand: Callable[[Node], list[Node] | None] | None = None,
+                 rest_role: str | None = None) -> list[Node]:
     """The outputs of `loop` (final carries, then per-step outputs) computed by an outer loop over
     segments of k steps whose body is the original loop over one segment, plus a loop over the
-    T mod k remaining steps (run last). The outer loop gets `role`. Values are unchanged."""
+    T mod k remaining steps (run last). The outer loop gets `role`, the remainder loop `rest_role`.
+    `expand(L)` may replace the segment's loop and the remainder loop by what stands for their
+    outputs (a further level of segments: `ur.MemoryBudget`'s nested plans). Values are unchanged."""
     info: LoopInfo = loop.arg  # type: ignore[assignment]
     consts, carry, xs = split_src(info, loop.src)
     count = info.length // k
     runs: list[list[Node] | None] = []
+
+    def expanded(node: Node) -> list[Node]:
+        outs = expand(node) if expand is not None else None
+        return outs if outs is not None else [proj(node, i) for i in range(len(info.body.outputs))]
+
     if count:
         c_args, h_args, w_args = body_args(info, k)
         inner = LoopInfo(info.body, k, info.n_consts, info.n_carry, info.reverse)
         inner_loop = Node.make(Op.LOOP, c_args + h_args + w_args, inner, loc=loop.loc)
-        outer_body = Graph(tuple(c_args + h_args + w_args),
-                           tuple(proj(inner_loop, i) for i in range(len(info.body.outputs))))
+        outer_body = Graph(tuple(c_args + h_args + w_args), tuple(expanded(inner_loop)))
         outer = Node.make(Op.LOOP, consts + carry + [windows(x, 0, count, k, k, info.reverse) for x in xs],
                           LoopInfo(outer_body, count, info.n_consts, info.n_carry, info.reverse),
                           loc=loop.loc)
@@ -182,8 +195,16 @@ def segment_loop(loop: Node, k: int, role: str | None = None) -> list[Node]:
         outs = [proj(outer, i) for i in range(len(info.body.outputs))]
         carry = outs[:info.n_carry]
         runs.append([b.reshape(y, (count * k,) + y.shape[2:]) for y in outs[info.n_carry:]])
-    carry, rest = run_steps(info, consts, carry, xs, count * k, info.length, loop.loc)
-    runs.append(rest)
+    start = count * k
+    if start < info.length:
+        sub = LoopInfo(info.body, info.length - start, info.n_consts, info.n_carry, info.reverse)
+        rest_loop = Node.make(Op.LOOP, consts + carry + [proc_slice(x, start, info.length, info.reverse)
+                                                         for x in xs], sub, loc=loop.loc)
+        if rest_loop.role is None:
+            rest_loop.role = rest_role
+        outs = expanded(rest_loop)
+        carry = outs[:info.n_carry]
+        runs.append(outs[info.n_carry:])
     return carry + concat_time(runs, info.n_ys, info.reverse)
 
 

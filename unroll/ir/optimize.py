@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from .fuse_cells import fuse_cells, fuse_top_level
 from .fuse_matmuls import fuse_matmuls
-from .hoist import hoist
+from .hoist import hoist, hoist_any_size
 from .node import Graph, LoopInfo, Node, nested_body, toposort
 from .ops import ELEMENTWISE, LEAVES, REDUCE, Op, TensorType
 from .simplify import simplify
@@ -34,6 +34,7 @@ PASSES: dict[str, Pass] = {
     "simplify": simplify,
     "fuse_matmuls": fuse_matmuls,
     "hoist": hoist,
+    "hoist_any_size": hoist_any_size,   # hoist for graphs with named sizes (no size-dependent cap)
     "fuse_cells": fuse_cells,
     "fuse_top_level": fuse_top_level,
 }
@@ -246,7 +247,28 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         note = ("per-step columns list each loop (outermost first, in dependency order) joined by +; "
                 "mm = matmuls, fused = FUSED kernels, ew = unfused elementwise ops")
-        return "\n".join(lines + [note])
+        return "\n".join(lines + [note] + self.memory_lines())
+
+    @property
+    def plan(self):
+        """The MemoryBudget plan behind the input graph's gradients (autodiff.MEMORY_PLANS), or None."""
+        from .autodiff import MEMORY_PLANS
+        return next((MEMORY_PLANS[o] for o in self.steps[0].graph.outputs if o in MEMORY_PLANS), None)
+
+    def peaks(self) -> list[tuple[str, int]]:
+        """(pass, predicted peak bytes of one call after it) for each step (ir/memory.py's model)."""
+        from .memory import predict
+        return [(s.name, predict(s.graph).total) for s in self.steps]
+
+    def memory_lines(self) -> list[str]:
+        """The MemoryBudget plan (checkpoints, recomputed steps, predicted peak) and the predicted
+        peak after each pass; nothing for a graph no budget planned."""
+        plan = self.plan
+        if plan is None:
+            return []
+        from .memory import mb
+        return [""] + plan.lines() + ["  predicted peak (CPU backend's allocation) after each pass: "
+                                      + ", ".join(f"{name} {mb(p)}" for name, p in self.peaks())]
 
     def __str__(self) -> str:
         return self.table()
