@@ -15,17 +15,18 @@ noise gives samples at that temperature.
 Measured (2-core x86 machine, numpy backend, one BLAS thread, 83 kB of text, 158 symbols, LSTM
 H=128, T=48, 32 streams, 1200 steps (about 26 passes over the streams), Adam lr 5e-3,
 `python examples/char_lm.py`):
-    held-out loss 2.70 bits/char (unigram baseline 4.42 bits/char), 109 s of training
-    greedy from "def ":   def to the line is None:
-    sampled at T=0.8:     def cuncliotto
-                                          profix od at string as infine and return ot child sorted
+    held-out loss 2.72 bits/char (unigram baseline 4.42 bits/char), 109 s of training
+    greedy from "def ":   def token = nextchar
+    sampled at T=0.8:     def cun by itemood and the heap contare
+                          dErrgs, werniser, default the nem is field fon the hear in ex(cheraly).
 (the corpus is the running interpreter's own library: these are for Python 3.11.7's)
 
 Re-derived by tests/test_examples.py with the same seeds: the default tests run the quick size (the
 first 4000 characters, LSTM H=16, T=12, batch 8, 3 steps), `pytest -m slow` the full run above:
     main(quick=True) -> bits_per_char=6.377 unigram_bits=4.697 greedy="def xwxwxwxwxw"
-    main()           -> bits_per_char=2.70 unigram_bits=4.42
-    main()           -> greedy="def to the line is None:"
+    main()           -> bits_per_char=2.72 unigram_bits=4.42 symbols=158
+    main()           -> greedy="def token = nextchar"
+    main()           -> sampled="def cun by itemood and the heap contare"
 
     python examples/char_lm.py [--quick] [--backend numba] [--epochs N] [--hidden H]
 """
@@ -178,7 +179,7 @@ def main(quick: bool = False, backend: str = "numpy", epochs: int | None = None,
         samples[name] = prompt_text + vocab.decode(out[:, 0])
         print(f"  --- {name} ---\n{samples[name]}")
     return {"bits_per_char": bits, "unigram_bits": unigram_bits, "seconds": seconds,
-            "greedy": samples["greedy"]}
+            "greedy": samples["greedy"], "sampled": samples["sample T=0.8"], "symbols": len(vocab)}
 
 
 if __name__ == "__main__":

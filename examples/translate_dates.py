@@ -22,6 +22,7 @@ Re-derived by tests/test_examples.py with the same seeds: the default tests run 
 training pairs, 16 held out, H=8, batch 32, 1 epoch = 2 steps), `pytest -m slow` the full run:
     main(quick=True) -> sequence_accuracy=0.000 char_accuracy=0.181
     main()           -> sequence_accuracy=1.000 char_accuracy=1.000
+    main()           -> examples="'22 march 1981' -> 1981-03-22; 'dec 22 2014' -> 2014-12-22; '03/05/2049' -> 2049-05-03; '23 september 2032' -> 2032-09-23"
 
     python examples/translate_dates.py [--quick] [--backend numba] [--epochs N] [--hidden H] [--out DIR]
 """
@@ -152,7 +153,7 @@ def main(quick: bool = False, backend: str = "numpy", epochs: int | None = None,
     png = attention_heatmap(model, test, outputs, Path(out) / "attention_dates.png", backend)
     print(f"  attention heatmap: {png}")
     return {"sequence_accuracy": accuracy, "char_accuracy": char_accuracy, "seconds": seconds,
-            "heatmap_png": str(png)}
+            "heatmap_png": str(png), "examples": "; ".join(shown)}
 
 
 if __name__ == "__main__":

@@ -177,6 +177,76 @@ def test_train_reports_missing_examples(monkeypatch, tmp_path, capsys):
     assert code == 2 and "UNROLL_EXAMPLES" in capsys.readouterr().err
 
 
+SKLEARN_TASKS = [name for name, task in __import__("unroll.tasks").tasks.TASKS.items() if "sklearn" in task.needs]
+
+
+def test_the_tasks_that_read_scikit_learns_digits_declare_it():
+    """Every example that imports sklearn is a task whose `needs` names it (so `unroll train` can say
+    which extra to install before it starts), and the four that do are the ones the README names."""
+    from unroll.tasks import TASKS, examples_dir
+    for name, task in TASKS.items():
+        imports = "from sklearn" in (examples_dir() / task.script).read_text(encoding="utf-8")
+        assert imports == ("sklearn" in task.needs), name
+    assert sorted(SKLEARN_TASKS) == ["caption", "digits", "s2vt", "video"]
+
+
+@pytest.mark.parametrize("task", SKLEARN_TASKS)
+def test_train_without_the_examples_extra_names_it_in_one_line(task):
+    """`unroll train digits` (caption, video, s2vt) where scikit-learn is not installed: exit 2 and one
+    line naming the extra, no traceback; checked in a fresh process in which sklearn cannot import."""
+    code = ("import sys; sys.modules['sklearn'] = None; from unroll.cli import main; "
+            f"sys.exit(main(['train', {task!r}, '--quick', '--backend', 'numpy']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"unroll train: task {task!r} needs scikit-learn, which is not installed: "
+                                   f'pip install -e ".[examples]"')
+    assert done.stdout == ""
+
+
+def test_an_undeclared_missing_import_is_still_one_line(monkeypatch, capsys):
+    """A script importing an extra's module that its task does not declare fails the same way once
+    the import fails, instead of with a traceback."""
+    import dataclasses
+
+    from unroll import tasks
+    monkeypatch.setitem(tasks.TASKS, "digits", dataclasses.replace(tasks.TASKS["digits"], needs=()))
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert cli.main(["train", "digits", "--quick", "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'needs scikit-learn, which is not installed: pip install -e ".[examples]"' in err
+
+
+def _readme_commands() -> list[str]:
+    """Every `unroll ...` command of the README: the lines of its bash blocks (an `mpiexec -n P`
+    prefix dropped) and the complete ones written inline."""
+    import os
+    import re
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                encoding="utf-8").read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = re.sub(r"^mpiexec -n \d+ ", "", line.split("#")[0].strip())
+            commands += [part.strip() for part in line.split("&&") if part.strip().startswith("unroll")]
+    inline = [" ".join(c.split()) for c in re.findall(r"`(unroll [^`]*)`", text)]
+    commands += [c for c in inline if c != "unroll train --distributed"]  # that one names the option only
+    return sorted(set(commands))
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_every_unroll_command_in_the_readme_parses(command, capsys):
+    """Each command the README shows is accepted as written (subcommand, task and options), without
+    running it: `unroll bench` parses with --help appended, after the README's own arguments."""
+    argv = command.split()[1:]
+    if argv[:1] == ["bench"]:
+        with pytest.raises(SystemExit) as done:
+            cli.main([*argv, "--help"])
+        assert done.value.code == 0, capsys.readouterr().err
+        return
+    args = cli.build_parser().parse_args(argv)
+    assert args.command == argv[0] and callable(args.run)
+
+
 def test_console_script_points_at_main():
     from importlib.metadata import entry_points
     scripts = [ep for ep in entry_points(group="console_scripts") if ep.name == "unroll"]

@@ -63,3 +63,23 @@ def test_unroll_train_uses_the_default(monkeypatch, capsys):
     monkeypatch.setattr(tasks, "run_task", fake_run_task)
     assert cli.main(["train", "adding", "--quick"]) == 0
     assert seen["backend"] == default_backend()
+
+
+def test_unroll_flow_and_the_diagnostics_use_the_default(monkeypatch, capsys):
+    """`unroll flow` (which trains with --train-steps) and unroll.diagnostics compile and train on the
+    default backend too; --backend numpy still picks the reference."""
+    import inspect
+
+    from unroll import cli, diagnostics
+    for fn in (diagnostics.gradient_flow, diagnostics.compare_gradient_flow):
+        assert inspect.signature(fn).parameters["backend"].default is None
+    seen = []
+
+    def fake_compare(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return []
+    monkeypatch.setattr(diagnostics, "compare_gradient_flow", fake_compare)
+    monkeypatch.setattr(diagnostics, "plot_gradient_flow", lambda flows, path, title: path)
+    assert cli.main(["flow", "-o", "unused.png"]) == 0
+    assert cli.main(["flow", "--backend", "numpy", "-o", "unused.png"]) == 0
+    assert seen == [default_backend(), "numpy"]

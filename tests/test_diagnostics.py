@@ -37,7 +37,7 @@ def test_flow_has_one_norm_per_step_and_matches_finite_differences(kind):
     def loss_fn(out):
         return nn.mse(head(out[T - 1]), y) + 0.1 * ur.mean(out * out)  # a loss on every step too
 
-    flow = gradient_flow(rnn, loss_fn, x, feeds, values=values, name=kind.__name__)
+    flow = gradient_flow(rnn, loss_fn, x, feeds, values=values, name=kind.__name__, backend="numpy")
     assert isinstance(flow, GradientFlow) and flow.name == kind.__name__
     assert flow.norms.shape == (T,) and np.all(np.isfinite(flow.norms)) and np.all(flow.norms > 0)
     assert flow.gradient.shape == (T, B, H)
@@ -63,7 +63,7 @@ def test_zero_probe_leaves_the_forward_pass_unchanged_multilayer():
     values = {**rnn.state_dict(), **head.state_dict()}
     out, _ = rnn(x)
     reference = ur.compile(nn.mse(head(out[T - 1]), y), backend="numpy")(**feeds, **values)
-    flow = gradient_flow(rnn, lambda o: nn.mse(head(o[T - 1]), y), x, feeds, values=values)
+    flow = gradient_flow(rnn, lambda o: nn.mse(head(o[T - 1]), y), x, feeds, values=values, backend="numpy")
     assert flow.loss == pytest.approx(float(reference), rel=1e-12)
     assert flow.norms.shape == (T,)
 
@@ -71,7 +71,7 @@ def test_zero_probe_leaves_the_forward_pass_unchanged_multilayer():
 def test_loss_on_the_last_step_vanishes_backwards_for_a_tanh_rnn():
     rnn, head, x, y, feeds = _setup(nn.RNN, dtype="float32", name="van")
     flow = gradient_flow(rnn, lambda o: nn.mse(head(o[T - 1]), y), x, feeds,
-                         values={**rnn.state_dict(), **head.state_dict()})
+                         values={**rnn.state_dict(), **head.state_dict()}, backend="numpy")
     assert flow.norms[0] < flow.norms[-1]
     assert 0 < flow.decay_per_step < 1
     assert "per step back" in str(flow)
@@ -91,7 +91,7 @@ def test_errors_are_clear():
 
 
 def test_compare_and_plot_write_a_png(tmp_path):
-    flows = compare_gradient_flow(T=5, batch=2, hidden=3)
+    flows = compare_gradient_flow(T=5, batch=2, hidden=3, backend="numpy")
     assert [f.name for f in flows] == ["RNN", "LSTM", "GRU"]
     assert all(f.norms.shape == (5,) for f in flows)
     path = plot_gradient_flow(flows, tmp_path / "sub" / "flow.png", title="test")
@@ -101,5 +101,5 @@ def test_compare_and_plot_write_a_png(tmp_path):
 
 
 def test_compare_after_training_steps():
-    (flow,) = compare_gradient_flow(kinds=("GRU",), T=4, batch=2, hidden=3, train_steps=2)
+    (flow,) = compare_gradient_flow(kinds=("GRU",), T=4, batch=2, hidden=3, train_steps=2, backend="numpy")
     assert flow.extra["train_steps"] == 2 and np.all(np.isfinite(flow.norms))

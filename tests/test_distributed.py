@@ -295,6 +295,30 @@ def test_the_cli_trains_a_task_on_two_ranks_and_prints_once(tmp_path):
     assert out.count("\nadding: TCN_mse=") == 1, out  # rank 0 prints, rank 1 is silent
 
 
+def test_the_readme_example_runs_as_written_on_two_ranks(tmp_path):
+    """The README's "Train on several processes" Python block, saved to a file and started as
+    `mpiexec -n 2 python file.py` in an empty folder: it trains and rank 0 writes its checkpoint."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Train on several processes\n"):]
+    section = section[:section.index("\n## ", 1)]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(code) == 1, "the section's Python block is gone or split: run each one here"
+    script = tmp_path / "train.py"
+    script.write_text(code[0], encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the README's MPI example ran past 240 s and was killed:\n{out}")
+    assert proc.returncode == 0, out
+    names = re.findall(r'checkpoint="([^"]+)"', code[0])
+    assert names and all((tmp_path / name).is_file() for name in names), sorted(os.listdir(tmp_path))
+
+
 # ---- in-process tests (no MPI) --------------------------------------------------------------------
 
 

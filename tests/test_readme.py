@@ -225,3 +225,111 @@ def test_the_polymorphic_step_prints_what_the_readme_shows(fresh_cache_dir):
     (lang, code), (_, shown) = blocks[0], blocks[1]
     assert lang == "python"
     assert _run(code).strip() == shown.strip()
+
+
+# ---- Quick start: every extra is named with what it pulls in and how big it is ---------------------
+
+# the names a reader knows each requirement by, as the README writes them
+EXTRA_NAMES = {"scikit-learn": "scikit-learn", "sacrebleu": "sacrebleu", "torch": "PyTorch", "jax": "JAX",
+               "jaxlib": "JAX", "pytest": "pytest", "hypothesis": "hypothesis", "numba-cuda": "numba-cuda",
+               "nvidia-cuda-nvrtc": "NVRTC", "mpi4py": "mpi4py", "mpich": "MPICH"}
+
+
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    return {name: [re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0] for req in reqs] for name, reqs in extras.items()}
+
+
+def test_the_quick_start_says_what_each_extra_pulls_in_and_how_big_it_is():
+    """Each extra in pyproject.toml has its own clause in the Quick start, from `".[name]"` to the next
+    extra: it names every package the extra adds and gives its installed size (about N MB or GB)."""
+    section = _section("Quick start")
+    extras = _extras()
+    for name, requirements in extras.items():
+        start = section.find(f'".[{name}]"')
+        assert start >= 0, f'the Quick start does not name the extra ".[{name}]"'
+        ends = [i for i in (section.find('".[', start + 1), section.find("\n\n", start)) if i > 0]
+        clause = section[start:min(ends) if ends else None]
+        for requirement in requirements:
+            shown = EXTRA_NAMES.get(requirement, requirement)
+            assert shown in clause, f'the Quick start\'s ".[{name}]" clause does not say it adds {shown}'
+        assert re.search(r"about \d+(\.\d+)? [MG]B", clause), f'".[{name}]": no size (about N MB) given'
+
+
+def test_the_readme_names_the_extra_of_every_task_that_needs_one():
+    """The tasks that read scikit-learn's digits are the ones the Quick start says need ".[examples]"."""
+    from unroll.tasks import TASKS
+    section = _section("Quick start")
+    clause = section[section.index('".[examples]"'):]
+    clause = clause[:clause.find('".[', 1)]
+    for name, task in TASKS.items():
+        if task.needs:
+            assert re.search(rf"\b{name}\b", clause), \
+                f"unroll train {name} needs .[examples]; the README does not say so"
+
+
+# ---- the examples' results the README states are their docstrings' measured runs -------------------
+# Each number below is re-derived by tests/test_examples.py from the docstring's `main(...) ->` line
+# (the full runs with `pytest -m slow`), so the README cannot drift from what the scripts give.
+
+def _stated(script: str, args: str = "") -> dict[str, str]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_examples import docstring_runs
+    runs = docstring_runs(script)
+    assert args in runs, f"{script}: no `main({args}) -> ...` line in its docstring"
+    return {key: value for key, (op, value) in runs[args][1].items() if op == "="}
+
+
+def _percent(value: str) -> str:
+    return f"{float(value) * 100:.1f}"
+
+
+def _check(where: str, readme: str, script: str, key: str, args: str = "", scale=_percent) -> None:
+    stated = _stated(script, args)
+    assert key in stated, f"the README states {where} = {readme}; {script}'s main({args}) line has no {key}"
+    assert scale(stated[key]) == readme, (f"the README says {where} {readme}, {script}'s docstring "
+                                          f"main({args}) -> {key}={stated[key]}")
+
+
+def test_the_example_results_in_the_readme_are_the_docstrings_measured_runs():
+    text = open(README, encoding="utf-8").read()
+    flat = " ".join(text.split())
+
+    def number(pattern: str) -> str:
+        found = re.search(pattern, flat)
+        assert found, f"the README no longer says {pattern!r}: update this test"
+        return found.group(1)
+
+    _check("S2VT", number(r"S2VT in miniature .*? gets (\d+\.\d)% of held-out sentences"),
+           "video_description.py", "sentence_accuracy")
+    _check("caption greedy", number(r"`ur\.nn\.greedy_decode` \((\d+\.\d)% exact\)"), "caption_digits.py",
+           "caption_accuracy")
+    _check("caption beam 4", number(r"`ur\.nn\.beam_search` \(width 4: (\d+\.\d)%\)"), "caption_digits.py",
+           "beam_accuracy")
+    _check("seq2seq_dates", number(r"seq2seq_dates\.py, the same task without attention, gets (\d+\.\d)%"),
+           "seq2seq_dates.py", "sequence_accuracy")
+    assert "gets all 1000 held-out dates exactly right" in flat
+    _check("translate_dates", "100.0", "translate_dates.py", "sequence_accuracy")
+
+    # the video table: accuracy, direction, digit, parameters per model
+    rows = re.findall(r"^\| (LSTM|GRU|TCN)[^|]* \| (\d+\.\d)% \| (\d+\.\d)% \| (\d+\.\d)% \| ([\d,]+) \|", text, re.M)
+    assert [r[0] for r in rows] == ["LSTM", "GRU", "TCN"], rows
+    for model, accuracy, direction, digit, parameters in rows:
+        for key, shown in ((f"{model}_accuracy", accuracy), (f"{model}_direction_accuracy", direction),
+                           (f"{model}_digit_accuracy", digit)):
+            _check(f"video {key}", shown, "video_classification.py", key)
+        _check(f"video {model} parameters", parameters, "video_classification.py", f"{model}_parameters",
+               scale=lambda v: f"{int(v):,}")
+
+    # the numbers-to-words table: exact match and BLEU per decoder after 3 and after 8 epochs
+    block = next(body for _, body in _blocks(_section("Attention and beam search")) if "3 epochs" in body)
+    rows = re.findall(r"^(greedy|beam \d)\s+(\d+\.\d)%\s+(\d+\.\d)\s+(\d+\.\d)%\s+(\d+\.\d)$", block, re.M)
+    assert [r[0] for r in rows] == ["greedy", "beam 1", "beam 4", "beam 8"], rows
+    for decoder, exact3, bleu3, exact8, bleu8 in rows:
+        name = decoder.replace(" ", "")
+        for args, exact, bleu in (("epochs=3", exact3, bleu3), ("", exact8, bleu8)):
+            _check(f"numbers {decoder} exact", exact, "numbers_to_words.py", f"{name}_accuracy", args)
+            _check(f"numbers {decoder} BLEU", bleu, "numbers_to_words.py", f"{name}_bleu", args,
+                   scale=lambda v: f"{float(v):.1f}")

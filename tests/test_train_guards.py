@@ -61,3 +61,56 @@ def test_a_killed_save_leaves_its_temporary_only_until_the_next_save(tmp_path):
     save_params(tmp_path / "ckpt.npz", {"w": np.ones(3)})
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     np.testing.assert_array_equal(load_params(tmp_path / "ckpt.npz")["w"], np.ones(3))
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_fit_stopping_on_a_non_finite_loss_or_gradient_returns_and_writes_back_finite_parameters(poison):
+    """A NaN in the data (a non-finite loss), or a finite loss whose gradient is not (sqrt at 0),
+    partway through: fit stops, warns, and the values it returns and loads into the model are the
+    finite ones of the last good update."""
+    if poison == "loss":
+        loss, model, data = _lstm_problem()
+        data["x"][:, 20:] = np.nan           # batches of 4 in data order: steps 1-5 are clean
+        clean = {k: v[:, :20] for k, v in data.items()}  # the batch axis is 1 (sequence-first)
+    else:
+        x = ur.input("x", (4, 1))
+        w = ur.param("w", (1,), "ones")
+        model = [w]
+        # where x == 0 the loss sqrt(x w) is 0 and its gradient x / (2 sqrt(x w)) is 0 / 0
+        loss = ur.mean(ur.sqrt(x * w))
+        data = {"x": np.r_[np.full(20, 3.0), np.zeros(12)].reshape(32, 1)}
+        clean = {"x": data["x"][:20]}
+    initial = ({k: v.copy() for k, v in model.state_dict().items()} if hasattr(model, "state_dict")
+               else {"w": np.ones(1, np.float32)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ur.fit(loss, model, data, epochs=1, batch_size=4, shuffle=False, optimizer="sgd", lr=1e-3,
+                        progress=False, backend="numpy")
+    assert result.history.stopped.startswith("step 6 (epoch 1)") and "not finite" in result.history.stopped
+    assert any("fit stopped" in str(w.message) for w in caught)
+    written = model.state_dict() if hasattr(model, "state_dict") else {w.name: result.trainer.values[w.name]}
+    for values in (result.params, written):
+        assert values and all(np.isfinite(v).all() for v in values.values())
+    # the five clean updates happened and are kept: the same as training five steps alone
+    assert len(result.history.loss) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # the clean steps alone train without a stop
+        again = ur.fit(loss, None, clean, epochs=1, batch_size=4, shuffle=False, optimizer="sgd", lr=1e-3,
+                       progress=False, backend="numpy", values=initial)
+    for name, value in again.params.items():
+        np.testing.assert_allclose(result.params[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_failing_save_removes_its_temporary(tmp_path, monkeypatch):
+    """A save that raises while writing (a full disk, an array that cannot be written) leaves neither
+    a temporary nor a half-written checkpoint, and an existing checkpoint is kept as it was."""
+    save_params(tmp_path / "ckpt.npz", {"w": np.ones(3)})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np.lib.format, "write_array", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_params(tmp_path / "ckpt.npz", {"w": np.zeros(3)})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_params(tmp_path / "ckpt.npz")["w"], np.ones(3))

@@ -197,11 +197,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from .compile import default_backend
-    from .tasks import run_task
+    from .tasks import MissingExtra, run_task
     try:
         result = run_task(args.task, quick=args.quick, backend=args.backend or default_backend(), epochs=args.epochs,
                           hidden=args.hidden, seed=args.seed)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, MissingExtra) as err:
         print(f"unroll train: {err}", file=sys.stderr)
         return 2
     print(f"\n{args.task}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.items()))
@@ -250,7 +250,8 @@ def _add_flow(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=_positive, default=32, help="hidden size (default 32)")
     p.add_argument("--batch", type=_positive, default=32, help="batch size (default 32)")
     p.add_argument("--train-steps", type=int, default=0, help="train each model this many steps first")
-    p.add_argument("--backend", choices=BACKENDS, default="numpy", help="default numpy")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: numba when installed, else numpy (the reference)")
     p.add_argument("--seed", type=int, default=0)
     _add_threads(p)
     p.set_defaults(run=_run_flow)
@@ -258,8 +259,9 @@ def _add_flow(sub: argparse._SubParsersAction) -> None:
 
 def _run_flow(args: argparse.Namespace) -> int:
     from .diagnostics import compare_gradient_flow, plot_gradient_flow
+    from .compile import default_backend
     flows = compare_gradient_flow(args.kinds, T=args.T, batch=args.batch, hidden=args.hidden, seed=args.seed,
-                                  backend=args.backend, train_steps=args.train_steps)
+                                  backend=args.backend or default_backend(), train_steps=args.train_steps)
     for flow in flows:
         print(flow)
     trained = f", after {args.train_steps} training steps" if args.train_steps else ", at initialisation"

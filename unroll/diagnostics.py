@@ -102,7 +102,7 @@ def probed_outputs(rnn: RNNBase, x: Node, probe: Node) -> Node:
 
 
 def gradient_flow(rnn: RNNBase, loss_fn: LossFn, x: Node, feeds: Mapping[str, np.ndarray],
-                  values: Mapping[str, np.ndarray] | None = None, backend: str = "numpy",
+                  values: Mapping[str, np.ndarray] | None = None, backend: str | None = None,
                   name: str | None = None) -> GradientFlow:
     """‖∂L/∂h_t‖ for t = 0..T-1 on one batch.
 
@@ -181,11 +181,12 @@ def _last_step_mse(head: Callable[[Node], Node], y: Node, outputs: Node) -> Node
 
 
 def compare_gradient_flow(kinds: Sequence[str] = ("RNN", "LSTM", "GRU"), T: int = 100, batch: int = 32,
-                          hidden: int = 32, seed: int = 0, backend: str = "numpy",
+                          hidden: int = 32, seed: int = 0, backend: str | None = None,
                           train_steps: int = 0, lr: float = 1e-2) -> list[GradientFlow]:
     """Gradient flow of each kind of cell on one adding-problem batch (loss on the last step only,
     as the task asks), with PyTorch's initialisation; `train_steps` > 0 first trains each model
-    that many Adam steps on fresh batches (same data for every kind)."""
+    that many Adam steps on fresh batches (same data for every kind). backend: as in ur.compile
+    (default None: Numba when it imports, else the numpy reference)."""
     from . import nn
     from .data import adding_problem
 

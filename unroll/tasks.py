@@ -4,6 +4,9 @@ Each task is one script in the repository's examples/ folder with an entry point
 `main(quick=False, backend="numpy", epochs=None, hidden=None, seed=0) -> dict` (its measured result).
 The scripts are user code, not part of the package: they are found next to the package in a source
 checkout (`pip install -e .`), or in the folder named by the environment variable UNROLL_EXAMPLES.
+A task whose script needs a package the core install leaves out (scikit-learn's bundled digits) names
+it in `needs`; run_task checks those first and raises MissingExtra, whose message is one line naming
+the pip extra that brings it (`unroll train` prints it instead of a traceback).
 """
 
 from __future__ import annotations
@@ -11,10 +14,30 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+
+# modules an example may import beyond the core install: (the distribution's name, the extra that brings it)
+EXTRAS: dict[str, tuple[str, str]] = {
+    "sklearn": ("scikit-learn", "examples"),
+    "sacrebleu": ("sacrebleu", "examples"),
+    "mpi4py": ("mpi4py", "mpi"),
+    "torch": ("torch", "bench"),
+    "jax": ("jax", "bench"),
+}
+
+
+class MissingExtra(ImportError):
+    """A task needs a package that is not installed; the message names the pip extra to install."""
+
+
+def missing_extra_message(task: str, module: str) -> str:
+    dist, extra = EXTRAS.get(module, (module, None))
+    how = f'pip install -e ".[{extra}]"' if extra else f"pip install {dist}"
+    return f"task {task!r} needs {dist}, which is not installed: {how}"
 
 
 @dataclass(frozen=True)
@@ -22,16 +45,18 @@ class Task:
     name: str
     script: str       # file name in examples/
     summary: str
+    needs: tuple[str, ...] = field(default=())  # modules beyond the core install (keys of EXTRAS)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("adding", "adding_problem.py", "adding problem (many-to-one regression): TCN vs LSTM vs GRU"),
     Task("copy", "copy_memory.py", "copy memory (many-to-many classification): TCN vs LSTM vs GRU"),
-    Task("digits", "digits.py", "sequential 8x8 digits, row by row (T=8) and pixel by pixel (T=64)"),
+    Task("digits", "digits.py", "sequential 8x8 digits, row by row (T=8) and pixel by pixel (T=64)", ("sklearn",)),
     Task("charlm", "char_lm.py", "character language model on Python's own standard library, sampling"),
-    Task("caption", "caption_digits.py", "one-to-many: caption 2-3 digits ('four seven'), greedy vs beam"),
-    Task("video", "video_classification.py", "video classification (many-to-one): LSTM vs GRU vs TCN"),
-    Task("s2vt", "video_description.py", "video description, S2VT: 'three moves left' from a clip"),
+    Task("caption", "caption_digits.py", "one-to-many: caption 2-3 digits ('four seven'), greedy vs beam",
+         ("sklearn",)),
+    Task("video", "video_classification.py", "video classification (many-to-one): LSTM vs GRU vs TCN", ("sklearn",)),
+    Task("s2vt", "video_description.py", "video description, S2VT: 'three moves left' from a clip", ("sklearn",)),
     Task("seq2seq", "seq2seq_dates.py", "encoder-decoder: translate dates between formats"),
     Task("translate", "translate_dates.py", "GNMT-style attention: dates between formats, attention heatmap"),
     Task("numbers", "numbers_to_words.py", "numbers to English words: greedy vs beam search, exact match and BLEU"),
@@ -64,10 +89,20 @@ def load_example(script: str) -> ModuleType:
 
 
 def run_task(name: str, **options: Any) -> dict:
-    """Run a registered task's `main(**options)` and return its result dict."""
+    """Run a registered task's `main(**options)` and return its result dict. Raises MissingExtra,
+    before anything runs, when a module the task needs is not installed."""
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
-    return load_example(TASKS[name].script).main(**options)
+    for module in TASKS[name].needs:
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtra(missing_extra_message(name, module), name=module)
+    try:
+        return load_example(TASKS[name].script).main(**options)
+    except ModuleNotFoundError as err:  # an import the registry does not list: still one line
+        module = (err.name or "").split(".")[0]
+        if module not in EXTRAS:
+            raise
+        raise MissingExtra(missing_extra_message(name, module), name=module) from err
 
 
-__all__ = ["TASKS", "Task", "examples_dir", "load_example", "run_task"]
+__all__ = ["EXTRAS", "TASKS", "MissingExtra", "Task", "examples_dir", "load_example", "run_task"]
