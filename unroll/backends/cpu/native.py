@@ -30,11 +30,11 @@ caller raises the Python exception.
 from __future__ import annotations
 
 import ast
-import copy
 import ctypes
 import functools
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -895,14 +895,13 @@ class Renderer:
         return Scalar(ir.Constant(I1, 0), "bool")
 
 
+_NAME_IN_DUMP = re.compile(r"Name\(id='([^']*)'")
+
+
 def _renamed_dump(s: ast.stmt, names: dict[str, str]) -> str:
     """`s`'s ast, dumped with every name replaced by `names[name]` (two nests with equal dumps
     differ only in the names they use)."""
-    renamed = copy.deepcopy(s)
-    for n in ast.walk(renamed):
-        if isinstance(n, ast.Name):
-            n.id = names[n.id]
-    return ast.dump(renamed)
+    return _NAME_IN_DUMP.sub(lambda m: f"Name(id='{names[m.group(1)]}'", ast.dump(s))
 
 
 def _outlinable(s: ast.stmt) -> bool:
