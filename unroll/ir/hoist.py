@@ -34,12 +34,12 @@ projection or its gate gradients): speed bought with memory. A loop whose memory
 loops), a backward loop reading what such a loop saved, and every loop nested in their bodies get
 steps 1-2 only. Under SaveAll a loop gets steps 3-5 only while what they add to the step's predicted
 peak (ir/memory.py) stays within STACK_ALLOWANCE: a constant, so for long sequences SaveAll's peak
-is the unoptimized one (at T = 20 000 the stacks doubled it, and the batched products did not pay
-for the page faults: 0.85 s against 0.51 s a step), while short ones keep the batched products.
+is the unoptimized one (at T = 20 000 the stacks doubled it: benchmarks/memory_budget.py), while
+short ones keep the batched products.
 The cap holds only where a step's share of the stacks is under STEP_BYTES_THAT_PAY (64 KiB): there
 each step's product is small and batching it buys little; with large per-step products (a GRU at
-B = 64, H = 512: 745 KiB a step) the batched products are what makes the step fast (1.64x slower
-without them), and SaveAll is the policy that chose speed over memory.
+B = 64, H = 512, the `large` row of `unroll bench`) the batched products are what makes the step
+fast, and SaveAll is the policy that chose speed over memory.
 tests/test_memory_budget.py checks every pass under every policy.
 """
 

@@ -176,12 +176,12 @@ def _nest(stmt: ast.stmt) -> _Nest | None:
             _record_reads(nest, s.value)
         else:
             return None
-    if any(_mentions_call_of_statement_kind(s) for s in body):
+    if any(_calls_beyond_scalar_math(s) for s in body):
         return None
     return nest
 
 
-def _mentions_call_of_statement_kind(stmt: ast.stmt) -> bool:
+def _calls_beyond_scalar_math(stmt: ast.stmt) -> bool:
     """Calls that write memory or allocate (anything but scalar math and casts) keep a nest apart."""
     for n in ast.walk(stmt):
         if isinstance(n, ast.Call):
@@ -332,8 +332,9 @@ def _fuse_block(stmts: list[ast.stmt], storage: dict[str, frozenset[str]]) -> li
     out: list[ast.stmt] = []
     pending: _Nest | None = None
     for stmt in stmts:
-        stmt = _fuse_inside(stmt, storage)
         nest = _nest(stmt)
+        if nest is None:
+            stmt = _fuse_inside(stmt, storage)
         if pending is not None and nest is not None and _can_merge(pending, nest, storage):
             pending = _merged(pending, nest)
             continue
@@ -350,8 +351,8 @@ def _fuse_block(stmts: list[ast.stmt], storage: dict[str, frozenset[str]]) -> li
 
 
 def _fuse_inside(stmt: ast.stmt, storage: dict[str, frozenset[str]]) -> ast.stmt:
-    """`stmt` with the blocks it holds fused (a time loop's body, an if's branches)."""
-    if isinstance(stmt, ast.For) and _nest(stmt) is None:
+    """`stmt` (not itself a nest) with the blocks it holds fused: a time loop's body, an if's branches."""
+    if isinstance(stmt, ast.For):
         return ast.For(target=stmt.target, iter=stmt.iter, body=_fuse_block(stmt.body, storage),
                        orelse=stmt.orelse, type_comment=None)
     if isinstance(stmt, ast.If):

@@ -249,7 +249,7 @@ class Renderer:
         self.allocas.branch(self.fn.basic_blocks[1])
         if not self.main_loops:
             # straight-line code that runs once per call (every loop is a function of its own):
-            # not optimised, it costs microseconds per call; optimised, it was a third of a TCN's
+            # not optimised, it costs microseconds per call; optimised, it was a large share of a TCN's
             # LLVM time (thousands of lines of views and BLAS arguments)
             self.fn.attributes.add("optnone")
             self.fn.attributes.add("noinline")
@@ -1034,8 +1034,8 @@ def scipy_cython_blas():
 def _optimize(module: llvm.ModuleRef, machine, slp: bool = False) -> None:
     """LLVM's O3 pipeline with loop vectorisation. SLP vectorisation (straight-line code packed into
     vectors) only where asked, for the runtime library: a kernel's loops are vectorised by the loop
-    vectoriser and its straight-line code runs once per call, and SLP took 0.3 s of an LSTM
-    step's 1.3 s in LLVM."""
+    vectoriser and its straight-line code runs once per call, and SLP was one of the costliest
+    passes on a cell's kernel."""
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
     pto.slp_vectorization = slp
@@ -1046,9 +1046,10 @@ def _optimize(module: llvm.ModuleRef, machine, slp: bool = False) -> None:
 # ---- the runtime library: code every kernel shares, compiled once per machine ----------------------
 #
 # The packed-gemm driver with its six micro-kernels and the packing routine (kernels_ir.py) are the
-# same for every graph; compiled into each kernel they were 1 800 of a GRU step's 8 000 lines of IR
-# and 0.4 s of its LLVM time. They are compiled once into an object of their own, cached like a
-# kernel, loaded once per process, and kernels call them by name.
+# same for every graph and, compiled into each kernel, were a large share of a cell's IR and LLVM
+# time. They are compiled once into an object of their own, cached like a kernel, loaded once per
+# process, and kernels call them by name (benchmarks/compile_times.py: cold cache, and a new graph
+# once the library is cached).
 
 RUNTIME_BUILDERS: tuple[Callable[[ir.Module, int], ir.Function], ...] = (_gemm_function, _pack_function)
 _RUNTIME_LOCK = threading.Lock()
@@ -1061,14 +1062,18 @@ def _runtime_signature(build: Callable[[ir.Module, int], ir.Function], bits: int
     return fn.name, fn.ftype
 
 
-def _runtime_object(bits: int) -> bytes:
+def _runtime_object(bits: int) -> tuple[bytes, list[str]]:
+    """The runtime library for `bits`-bit floats compiled, and the names it exports."""
     module = ir.Module(name=f"unroll_runtime_f{bits}")
+    exported = []
     for build in RUNTIME_BUILDERS:
-        build(module, bits).linkage = ""   # exported (the micro-kernels stay private to it)
+        fn = build(module, bits)
+        fn.linkage = ""   # exported (the micro-kernels stay private to it)
+        exported.append(fn.name)
     compiled = llvm.parse_assembly(str(module))
     compiled.verify()
     _optimize(compiled, _machine(), slp=True)
-    return _machine().emit_object(compiled)
+    return _machine().emit_object(compiled), exported
 
 
 def runtime_library(directory: str, bits: int) -> None:
@@ -1082,13 +1087,15 @@ def runtime_library(directory: str, bits: int) -> None:
         name = f"unroll_runtime_f{bits}_" + cache.digest("\n".join([
             _runtime_version(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()]))
         with cache.entry_lock(directory, name):
-            obj = _read_object(directory, name)
-            if obj is None:
-                obj = _runtime_object(bits)
-                _write_object(directory, name, obj, {})
+            found = _read_meta(directory, name)
+            if found is None:
+                obj, symbols = _runtime_object(bits)
+                _write_object(directory, name, obj, {"symbols": symbols})
+            else:
+                meta, obj = found
+                symbols = meta["symbols"]
         engine = _engine(obj)
-        for build in RUNTIME_BUILDERS:
-            symbol = _runtime_signature(build, bits)[0]
+        for symbol in symbols:
             llvm.add_symbol(symbol, engine.get_function_address(symbol))
         _RUNTIME[bits] = engine
 
@@ -1111,14 +1118,9 @@ def _engine(obj: bytes) -> llvm.ExecutionEngine:
     return engine
 
 
-def _read_object(directory: str, name: str) -> bytes | None:
-    """The cached object `name` if its digest checks, else None (a damaged entry is reported in one
-    warning line; the caller rebuilds and replaces it)."""
-    meta = _read_meta(directory, name)
-    return None if meta is None else meta[1]
-
-
 def _read_meta(directory: str, name: str) -> tuple[dict, bytes] | None:
+    """The cached object `name` and its metadata if its digest checks, else None (a damaged entry
+    is reported in one warning line; the caller rebuilds and replaces it)."""
     obj_path, meta_path = os.path.join(directory, name + ".o"), os.path.join(directory, name + ".json")
     try:
         with open(meta_path) as f:
